@@ -1,0 +1,381 @@
+//! Every byte that crosses the boundary between the XDP program and user space.
+//!
+//! The XDP program (`relay-ebpf`) and the loader (`relay-user`) both compile these types, so a
+//! map key or value can never drift between the two sides. The invariant a reader must know:
+//! **every struct here is `#[repr(C)]` with explicit reserved fields and no implicit padding,
+//! addresses and ports are stored in network byte order, and the sizes are asserted at compile
+//! time.** Reserved fields must be zero (hash map keys are compared bytewise).
+//!
+//! Addresses are 16 bytes everywhere: an IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`,
+//! RFC 4291 §2.5.5.2), so adding IPv6 to the fast path changes the program, not the types.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Name of the channel table (`HashMap<ChannelKey, Channel>`), written by user space only.
+pub const CHANNELS_MAP: &str = "HR_CHANNELS";
+/// Name of the per-channel statistics (`HashMap<ChannelKey, ChannelStats>`), written by the
+/// XDP program only. Kept apart from [`CHANNELS_MAP`] so each map value has exactly one writer:
+/// user space can rewrite a channel (latching, update) without losing counter increments.
+pub const CHANNEL_STATS_MAP: &str = "HR_CHAN_STATS";
+/// Name of the global per-CPU counters (`PerCpuArray<u64>`, indexed by [`Counter`]).
+pub const COUNTERS_MAP: &str = "HR_COUNTERS";
+/// Name of the one-entry configuration array (`Array<RelayConfig>`).
+pub const CONFIG_MAP: &str = "HR_CONFIG";
+/// Name of the egress device map (`DevMapHash`, ifindex → ifindex) used for `XDP_REDIRECT`.
+pub const EGRESS_MAP: &str = "HR_EGRESS";
+/// Name of the XDP program in the object file.
+pub const XDP_PROGRAM: &str = "homerelay_xdp";
+
+/// Capacity of [`CHANNELS_MAP`] and [`CHANNEL_STATS_MAP`]: one entry per even relay port is
+/// the most a 16-bit port space can need (32,768), with room for channels whose legs use
+/// separate port pairs (each such leg adds a key).
+pub const MAX_CHANNELS: u32 = 65_536;
+/// Capacity of [`EGRESS_MAP`]: interfaces the fast path may redirect to.
+pub const MAX_EGRESS_INTERFACES: u32 = 64;
+
+/// A 16-bit value stored in network byte order.
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Be16(u16);
+
+impl Be16 {
+    /// Stores a host-order value in network byte order.
+    #[inline(always)]
+    pub const fn new(host: u16) -> Self {
+        Self(host.to_be())
+    }
+    /// Wraps a value that is already in network byte order (as read from a packet).
+    #[inline(always)]
+    pub const fn from_raw(raw: u16) -> Self {
+        Self(raw)
+    }
+    /// The value in host byte order.
+    #[inline(always)]
+    pub const fn get(self) -> u16 {
+        u16::from_be(self.0)
+    }
+    /// The raw network-order representation (as written into a packet).
+    #[inline(always)]
+    pub const fn raw(self) -> u16 {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for Be16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+/// An IPv6 address or an IPv4-mapped IPv4 address, as four words in memory (network) order.
+///
+/// Word `i` holds bytes `4i..4i+4` of the address exactly as they appear on the wire, so an
+/// IPv4 address read raw from a packet header compares equal to `words[3]`.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Addr16 {
+    pub words: [u32; 4],
+}
+
+/// Word 2 of an IPv4-mapped address: bytes `00 00 ff ff`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Addr16 {
+    /// The unspecified address (`::`): "not known yet".
+    pub const UNSPECIFIED: Self = Self { words: [0; 4] };
+
+    /// An IPv4 address from its raw network-order representation (as read from a header).
+    #[inline(always)]
+    pub const fn from_ipv4_raw(raw: u32) -> Self {
+        Self { words: [0, 0, V4_MAPPED_WORD, raw] }
+    }
+    /// An IPv4 address from its four octets.
+    pub const fn from_ipv4_octets(o: [u8; 4]) -> Self {
+        Self::from_ipv4_raw(u32::from_ne_bytes(o))
+    }
+    /// An address from its 16 bytes in network order.
+    pub fn from_octets(o: [u8; 16]) -> Self {
+        let mut words = [0u32; 4];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        Self { words }
+    }
+    /// The 16 bytes in network order.
+    pub fn octets(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        for (i, w) in self.words.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        o
+    }
+    /// Whether this is an IPv4-mapped address.
+    #[inline(always)]
+    pub const fn is_ipv4(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
+    }
+    /// The raw network-order IPv4 address (meaningful only when [`Self::is_ipv4`]).
+    #[inline(always)]
+    pub const fn ipv4_raw(&self) -> u32 {
+        self.words[3]
+    }
+    /// Whether this is `::` or the IPv4-mapped `0.0.0.0`.
+    #[inline(always)]
+    pub const fn is_unspecified(&self) -> bool {
+        self.words[0] == 0
+            && self.words[1] == 0
+            && (self.words[2] == 0 || self.words[2] == V4_MAPPED_WORD)
+            && self.words[3] == 0
+    }
+}
+
+impl core::fmt::Debug for Addr16 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let o = self.octets();
+        if self.is_ipv4() {
+            write!(f, "{}.{}.{}.{}", o[12], o[13], o[14], o[15])
+        } else {
+            write!(f, "{:02x?}", o)
+        }
+    }
+}
+
+/// [`Endpoint::flags`]: the address was confirmed (learnt from traffic or set as strict by the
+/// control plane). The fast path accepts packets only from latched endpoints and sends only to
+/// latched endpoints; everything else goes to user space.
+pub const ENDPOINT_LATCHED: u8 = 1;
+
+/// A peer's transport address (address, UDP port) and its latching state.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct Endpoint {
+    /// Peer address; [`Addr16::UNSPECIFIED`] when not known yet.
+    pub addr: Addr16,
+    /// Peer UDP port, network byte order; 0 when not known yet.
+    pub port: Be16,
+    /// `ENDPOINT_*` bits.
+    pub flags: u8,
+    /// Must be zero.
+    pub reserved: u8,
+}
+
+impl Endpoint {
+    /// An endpoint not known yet.
+    pub const UNKNOWN: Self =
+        Self { addr: Addr16::UNSPECIFIED, port: Be16::new(0), flags: 0, reserved: 0 };
+
+    #[inline(always)]
+    pub const fn is_latched(&self) -> bool {
+        self.flags & ENDPOINT_LATCHED != 0
+    }
+    /// Whether an address and port are set (latched or only expected).
+    #[inline(always)]
+    pub const fn is_known(&self) -> bool {
+        !self.addr.is_unspecified() && self.port.raw() != 0
+    }
+}
+
+/// One side of a call as seen from the relay: the peer's RTP and RTCP addresses and the relay
+/// address and port that this peer sends to and receives from.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct Leg {
+    /// Where the peer's RTP comes from and goes to.
+    pub rtp: Endpoint,
+    /// Where the peer's RTCP comes from and goes to (latched separately: a NAT maps the RTCP
+    /// flow to its own public port).
+    pub rtcp: Endpoint,
+    /// Relay address the peer talks to; packets to this peer are sent from it.
+    pub local_addr: Addr16,
+    /// Relay RTP port the peer talks to (RTCP is `local_port + 1`), network byte order.
+    pub local_port: Be16,
+    /// Must be zero.
+    pub reserved: u16,
+    /// Egress interface towards this peer; 0 lets the routing table decide. When set, the fast
+    /// path forwards only if the FIB agrees, and passes the packet up otherwise.
+    pub ifindex: u32,
+}
+
+/// Index of leg A (conventionally the Internet side) in [`Channel::legs`].
+pub const LEG_A: usize = 0;
+/// Index of leg B (conventionally the LAN side) in [`Channel::legs`].
+pub const LEG_B: usize = 1;
+
+/// A relay channel: two legs; a packet from one leg is sent to the other.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct Channel {
+    pub legs: [Leg; 2],
+    /// `CHANNEL_*` bits.
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved: u32,
+}
+
+/// [`Channel::flags`]: user space handles this channel alone (the fast path passes its
+/// packets up), e.g. while the control plane changes it.
+pub const CHANNEL_USERSPACE_ONLY: u32 = 1;
+
+/// Key of [`CHANNELS_MAP`] and [`CHANNEL_STATS_MAP`]: the channel's even relay RTP port. RTCP
+/// packets (to the odd port) look up `port & !1`.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
+pub struct ChannelKey {
+    pub port: Be16,
+    /// Must be zero.
+    pub reserved: u16,
+}
+
+impl ChannelKey {
+    /// The key for any relay port (RTP or RTCP) of a channel.
+    #[inline(always)]
+    pub const fn for_port(host_port: u16) -> Self {
+        Self { port: Be16::new(host_port & !1), reserved: 0 }
+    }
+}
+
+/// Traffic in one direction of a channel.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct DirectionStats {
+    pub packets: u64,
+    /// UDP payload bytes.
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds of the last packet (`bpf_ktime_get_ns` clock); 0 = never.
+    pub last_seen_ns: u64,
+}
+
+/// Per-channel counters by direction: index [`LEG_A`] counts packets *from* leg A (to B),
+/// index [`LEG_B`] packets from leg B (to A).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct ChannelStats {
+    pub from_leg: [DirectionStats; 2],
+}
+
+/// The data plane's configuration (one entry of [`CONFIG_MAP`]). Until user space writes it,
+/// `port_min > port_max` and the fast path passes everything up.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct RelayConfig {
+    /// Lowest relay port (inclusive), network byte order.
+    pub port_min: Be16,
+    /// Highest relay port (inclusive), network byte order.
+    pub port_max: Be16,
+    /// TTL of forwarded packets (user space sends with the system default, 64).
+    pub ttl: u8,
+    /// Must be zero.
+    pub reserved: [u8; 3],
+}
+
+/// Default TTL of relayed packets, the Linux default for sockets (`net.ipv4.ip_default_ttl`).
+pub const DEFAULT_TTL: u8 = 64;
+
+/// Global counters of the fast path, one per verdict and reason (index into [`COUNTERS_MAP`]).
+/// Every packet the program sees is counted exactly once.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Counter {
+    /// Forwarded with `XDP_TX` (egress = ingress interface).
+    Tx = 0,
+    /// Forwarded with `XDP_REDIRECT` through [`EGRESS_MAP`].
+    Redirect,
+    /// Passed up: not IPv4 (ARP, IPv6, VLAN...).
+    PassNotIpv4,
+    /// Passed up: IPv4 but not UDP.
+    PassNotUdp,
+    /// Passed up: a fragment (the kernel reassembles it for user space).
+    PassFragment,
+    /// Passed up: IPv4 header with options.
+    PassIpOptions,
+    /// Passed up: Ethernet, IPv4 or UDP header cut short, or lengths inconsistent.
+    PassTruncated,
+    /// Passed up: UDP destination port outside the relay range.
+    PassPortOutOfRange,
+    /// Passed up: relay port with no channel installed.
+    PassNoChannel,
+    /// Passed up: the channel is handled by user space only.
+    PassUserspaceOnly,
+    /// Passed up: the source matches no latched endpoint of the channel (to be latched, or
+    /// dropped as injection by user space).
+    PassUnknownSource,
+    /// Passed up: the destination leg is not latched yet.
+    PassDestinationUnlatched,
+    /// Passed up: no neighbour entry for the next hop yet (the kernel resolves it).
+    PassNoNeighbour,
+    /// Passed up: the FIB lookup failed (no route, blackhole, forwarding disabled...).
+    PassFibFailed,
+    /// Passed up: the egress interface is not in [`EGRESS_MAP`] or differs from the leg's.
+    PassEgressUnavailable,
+    /// Passed up: the configuration map is not written yet.
+    PassNoConfig,
+}
+
+/// Number of [`Counter`]s (capacity of [`COUNTERS_MAP`]).
+pub const COUNTER_COUNT: u32 = Counter::PassNoConfig as u32 + 1;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Tx,
+        Counter::Redirect,
+        Counter::PassNotIpv4,
+        Counter::PassNotUdp,
+        Counter::PassFragment,
+        Counter::PassIpOptions,
+        Counter::PassTruncated,
+        Counter::PassPortOutOfRange,
+        Counter::PassNoChannel,
+        Counter::PassUserspaceOnly,
+        Counter::PassUnknownSource,
+        Counter::PassDestinationUnlatched,
+        Counter::PassNoNeighbour,
+        Counter::PassFibFailed,
+        Counter::PassEgressUnavailable,
+        Counter::PassNoConfig,
+    ];
+
+    /// A stable lowercase name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Tx => "tx",
+            Counter::Redirect => "redirect",
+            Counter::PassNotIpv4 => "not_ipv4",
+            Counter::PassNotUdp => "not_udp",
+            Counter::PassFragment => "fragment",
+            Counter::PassIpOptions => "ip_options",
+            Counter::PassTruncated => "truncated",
+            Counter::PassPortOutOfRange => "port_out_of_range",
+            Counter::PassNoChannel => "no_channel",
+            Counter::PassUserspaceOnly => "userspace_only",
+            Counter::PassUnknownSource => "unknown_source",
+            Counter::PassDestinationUnlatched => "destination_unlatched",
+            Counter::PassNoNeighbour => "no_neighbour",
+            Counter::PassFibFailed => "fib_failed",
+            Counter::PassEgressUnavailable => "egress_unavailable",
+            Counter::PassNoConfig => "no_config",
+        }
+    }
+
+    /// Whether the packet was forwarded by the fast path (otherwise it was passed up).
+    pub const fn is_forwarded(self) -> bool {
+        matches!(self, Counter::Tx | Counter::Redirect)
+    }
+}
+
+// Layout is part of the kernel/user contract: any change here must be deliberate.
+const _: () = assert!(size_of::<Be16>() == 2);
+const _: () = assert!(size_of::<Addr16>() == 16);
+const _: () = assert!(size_of::<Endpoint>() == 20);
+const _: () = assert!(size_of::<Leg>() == 64);
+const _: () = assert!(size_of::<Channel>() == 136);
+const _: () = assert!(size_of::<ChannelKey>() == 4);
+const _: () = assert!(size_of::<DirectionStats>() == 24);
+const _: () = assert!(size_of::<ChannelStats>() == 48);
+const _: () = assert!(size_of::<RelayConfig>() == 8);
+
+#[cfg(feature = "user")]
+mod user;
+#[cfg(feature = "user")]
+pub use user::*;

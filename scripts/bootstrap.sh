@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs everything homerelay needs to build and test on Debian 12 (bookworm), idempotently.
+# A second run with everything present is a fast no-op. Run as root (or via sudo).
+#
+# What it installs, and why (see docs/toolchain.md):
+#   - Debian's rustc/cargo 1.96 with the library source (`rust-web-src`): the eBPF crate is built
+#     with `-Z build-std=core`, which needs a compiler that matches its `core` source exactly.
+#   - LLVM 22 development files: bpf-linker links the eBPF object with the same LLVM as that rustc.
+#   - bpf-linker 0.13.0, built against LLVM 22, into $HOMERELAY_TOOLS/bin.
+#   - a rustup toolchain `homerelay-bpf` linked to Debian's compiler, used by relay-user's build.rs.
+#   - protoc, bpftool, iproute2, ethtool, nftables and the test peers (tshark, socat...).
+set -euo pipefail
+
+TOOLS="${HOMERELAY_TOOLS:-/opt/homerelay-tools}"
+BPF_LINKER_VERSION=0.13.0
+BPF_TOOLCHAIN=homerelay-bpf
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then exec sudo -E "$0" "$@"; fi
+  log "must run as root (apt-get, toolchain install)"; exit 1
+fi
+
+# Debian packages. `dpkg-query` is cheap; apt-get only runs when something is missing.
+APT_PACKAGES=(
+  llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev
+  rustc-web rust-web-src cargo-web
+  bpftool protobuf-compiler libprotobuf-dev
+  iproute2 ethtool nftables procps
+  build-essential pkg-config
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# rustup: the userspace crates build on its stable toolchain; install it if this host has none.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v rustup >/dev/null 2>&1; then
+  log "rustup not found: the userspace crates need a rustup stable toolchain (>= 1.85)"; exit 1
+fi
+
+# Link Debian's rustc 1.96 (whose `core` source is installed) as a rustup toolchain.
+DEB_TC="$TOOLS/debian-rust"
+mkdir -p "$DEB_TC/bin" "$TOOLS/bin"
+for b in rustc cargo rustdoc; do
+  ln -sfn "/usr/bin/$b" "$DEB_TC/bin/$b"
+done
+ln -sfn /usr/lib "$DEB_TC/lib"
+if ! rustup toolchain list | grep -q "^$BPF_TOOLCHAIN"; then
+  log "linking Debian's rustc as rustup toolchain $BPF_TOOLCHAIN"
+  rustup toolchain link "$BPF_TOOLCHAIN" "$DEB_TC"
+fi
+
+# bpf-linker against Debian's LLVM 22 (the same LLVM that Debian's rustc 1.96 uses).
+if ! "$TOOLS/bin/bpf-linker" --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  log "building bpf-linker $BPF_LINKER_VERSION against LLVM 22 (about a minute)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo +stable install "bpf-linker@$BPF_LINKER_VERSION" --locked \
+    --no-default-features --features llvm-22 --root "$TOOLS" --quiet
+fi
+
+log "ready (tools in $TOOLS)"
