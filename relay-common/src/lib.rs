@@ -310,10 +310,13 @@ pub enum Counter {
     PassEgressUnavailable,
     /// Passed up: the configuration map is not written yet.
     PassNoConfig,
+    /// Dropped: the egress interface left the device map between lookup and redirect, after
+    /// the packet was rewritten (passing it up would inject a wrong packet into the stack).
+    DropRedirectFailed,
 }
 
 /// Number of [`Counter`]s (capacity of [`COUNTERS_MAP`]).
-pub const COUNTER_COUNT: u32 = Counter::PassNoConfig as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DropRedirectFailed as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -334,6 +337,7 @@ impl Counter {
         Counter::PassFibFailed,
         Counter::PassEgressUnavailable,
         Counter::PassNoConfig,
+        Counter::DropRedirectFailed,
     ];
 
     /// A stable lowercase name, used as a metric label.
@@ -355,12 +359,17 @@ impl Counter {
             Counter::PassFibFailed => "fib_failed",
             Counter::PassEgressUnavailable => "egress_unavailable",
             Counter::PassNoConfig => "no_config",
+            Counter::DropRedirectFailed => "redirect_failed",
         }
     }
 
-    /// Whether the packet was forwarded by the fast path (otherwise it was passed up).
+    /// Whether the packet was forwarded by the fast path.
     pub const fn is_forwarded(self) -> bool {
         matches!(self, Counter::Tx | Counter::Redirect)
+    }
+    /// Whether the packet was passed up to the stack (and so to the user-space relay).
+    pub const fn is_passed(self) -> bool {
+        !self.is_forwarded() && !matches!(self, Counter::DropRedirectFailed)
     }
 }
 

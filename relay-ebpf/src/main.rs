@@ -1,1 +1,327 @@
-#![no_std] #![no_main]
+//! homerelay's XDP fast path.
+//!
+//! For an IPv4/UDP packet to a relay port whose channel is installed, from a *latched* endpoint
+//! of one leg, to a *latched* endpoint of the other leg: rewrite addresses and ports, take the
+//! next-hop MACs from the kernel FIB (`bpf_fib_lookup`, never a MAC swap), update the IPv4 and
+//! UDP checksums incrementally (RFC 1624; a zero UDP checksum stays zero), and send it with
+//! `XDP_TX` (egress = ingress) or `XDP_REDIRECT` through the egress device map.
+//!
+//! Invariant: **this program fails open.** Everything it does not forward — unknown port or
+//! source, unlatched leg, fragment, IP options, non-UDP, IPv6, truncated headers, FIB trouble —
+//! goes up the stack with `XDP_PASS`, where the user-space relay applies the full rule
+//! (`relay_user::forward::decide`). Every packet is counted once in `HR_COUNTERS` by reason.
+#![no_std]
+#![no_main]
+// `atomic_xadd` lowers to the BPF atomic add instruction; the eBPF target has no
+// compare-and-swap loop for `AtomicU64::fetch_add`. Allowed by RUSTC_BOOTSTRAP (build.rs).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core::intrinsics::atomic_xadd, see above")]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    mem::size_of,
+};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
+        xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+use relay_common::{
+    CHANNEL_USERSPACE_ONLY, COUNTER_COUNT, Channel, ChannelKey, ChannelStats, Counter, Endpoint,
+    Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, RelayConfig,
+};
+
+#[map]
+static HR_CHANNELS: HashMap<ChannelKey, Channel> = HashMap::pinned(MAX_CHANNELS, 0);
+#[map]
+static HR_CHAN_STATS: HashMap<ChannelKey, ChannelStats> = HashMap::pinned(MAX_CHANNELS, 0);
+#[map]
+static HR_CONFIG: Array<RelayConfig> = Array::pinned(1, 0);
+#[map]
+static HR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+static HR_EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS_INTERFACES, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const IPPROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
+/// IPv4 flags/fragment-offset field: "more fragments" bit and the offset (RFC 791 §3.1).
+const IP_MF_AND_OFFSET: u16 = 0x3fff;
+
+/// The relay entry point.
+#[xdp]
+pub fn homerelay_xdp(ctx: XdpContext) -> u32 {
+    let (action, counter) = match relay(&ctx) {
+        Ok(action) => action,
+        Err(reason) => (xdp_action::XDP_PASS, reason),
+    };
+    count(counter);
+    action
+}
+
+/// A program that passes every packet: attached to the far end of a veth in native mode, which
+/// otherwise silently drops frames redirected into it, and a safe stand-in while detaching.
+#[xdp]
+pub fn homerelay_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = HR_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU array slot is only written by this CPU, and the pointer comes from a
+        // successful map lookup, so it is valid for the duration of this program run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `offset` in the packet: the one place packet memory is
+/// addressed, so the verifier sees a check before every access.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Counter> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Counter::PassTruncated);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The endpoint of `leg` for RTP (even relay port) or RTCP (odd relay port).
+#[inline(always)]
+fn endpoint(leg: &Leg, rtcp: bool) -> &Endpoint {
+    if rtcp { &leg.rtcp } else { &leg.rtp }
+}
+
+/// Whether `ep` is a latched IPv4 endpoint equal to `addr:port` (both raw, network order).
+#[inline(always)]
+fn latched_v4(ep: &Endpoint, addr: u32, port: u16) -> bool {
+    ep.is_latched() && ep.addr.is_ipv4() && ep.addr.ipv4_raw() == addr && ep.port.raw() == port
+}
+
+/// Ones'-complement sum folded to 16 bits (RFC 1071).
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Incremental checksum update, RFC 1624 eqn. 3: `HC' = ~(~HC + ~m + m')`, where `diff` is
+/// already `sum(~m) + sum(m')` over the changed 16-bit words. Works on raw (memory-order)
+/// words: the ones'-complement sum is independent of byte order (RFC 1071 §2(B)).
+#[inline(always)]
+fn csum_update(check: u16, diff: u64) -> u16 {
+    !fold(u64::from(!check) + diff)
+}
+
+#[inline(always)]
+fn words32(v: u32) -> u64 {
+    u64::from(v & 0xffff) + u64::from(v >> 16)
+}
+
+#[inline(always)]
+fn neg_words32(v: u32) -> u64 {
+    words32(!v)
+}
+
+#[inline(always)]
+fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked that the Ethernet header lies inside the packet.
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return Err(Counter::PassNotIpv4);
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: `ptr_at` checked that a 20-byte IPv4 header lies inside the packet; every access
+    // below through `ip` stays within those 20 bytes.
+    let (vihl, proto, frags, tot_len) = unsafe {
+        ((*ip).vihl, (*ip).proto, u16::from_be_bytes((*ip).frags), (*ip).tot_len)
+    };
+    if vihl >> 4 != 4 {
+        return Err(Counter::PassNotIpv4);
+    }
+    if proto != IPPROTO_UDP {
+        return Err(Counter::PassNotUdp);
+    }
+    if vihl & 0x0f != 5 {
+        return Err(Counter::PassIpOptions);
+    }
+    if frags & IP_MF_AND_OFFSET != 0 {
+        return Err(Counter::PassFragment);
+    }
+    let tot_len = u16::from_be_bytes(tot_len);
+    let udp: *mut UdpHdr = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    // SAFETY: `ptr_at` checked that the 8-byte UDP header lies inside the packet.
+    let (sport, dport_raw, udp_len) =
+        unsafe { ((*udp).src, (*udp).dst, u16::from_be_bytes((*udp).len)) };
+    let ip_space = ctx.data_end() - ctx.data() - EthHdr::LEN;
+    if usize::from(tot_len) > ip_space
+        || usize::from(tot_len) < Ipv4Hdr::LEN + UdpHdr::LEN
+        || usize::from(udp_len) < UdpHdr::LEN
+        || usize::from(udp_len) > usize::from(tot_len) - Ipv4Hdr::LEN
+    {
+        return Err(Counter::PassTruncated);
+    }
+
+    let config = HR_CONFIG.get(0).ok_or(Counter::PassNoConfig)?;
+    let (port_min, port_max) = (config.port_min.get(), config.port_max.get());
+    if port_min > port_max {
+        return Err(Counter::PassNoConfig);
+    }
+    let dport = u16::from_be_bytes(dport_raw);
+    if dport < port_min || dport > port_max {
+        return Err(Counter::PassPortOutOfRange);
+    }
+    let key = ChannelKey::for_port(dport);
+    let channel = HR_CHANNELS.get_ptr(key).ok_or(Counter::PassNoChannel)?;
+    // SAFETY: the pointer comes from a successful map lookup and stays valid for this run; user
+    // space replaces values atomically (map update), so the fields read are consistent.
+    let channel: &Channel = unsafe { &*channel };
+    if channel.flags & CHANNEL_USERSPACE_ONLY != 0 {
+        return Err(Counter::PassUserspaceOnly);
+    }
+
+    let rtcp = dport & 1 == 1;
+    // SAFETY: inside the checked IPv4 header (see above).
+    let saddr = u32::from_ne_bytes(unsafe { (*ip).src_addr });
+    let sport_raw = u16::from_ne_bytes(sport);
+    let from = if latched_v4(endpoint(&channel.legs[0], rtcp), saddr, sport_raw) {
+        0
+    } else if latched_v4(endpoint(&channel.legs[1], rtcp), saddr, sport_raw) {
+        1
+    } else {
+        return Err(Counter::PassUnknownSource);
+    };
+    let to_leg = &channel.legs[1 - from];
+    let to = endpoint(to_leg, rtcp);
+    if !to.is_latched() {
+        return Err(Counter::PassDestinationUnlatched);
+    }
+    if !to.addr.is_ipv4() || !to_leg.local_addr.is_ipv4() {
+        // Address-family translation is user space's job.
+        return Err(Counter::PassEgressUnavailable);
+    }
+    let new_saddr = to_leg.local_addr.ipv4_raw();
+    let new_daddr = to.addr.ipv4_raw();
+    let new_sport = (to_leg.local_port.get().wrapping_add(u16::from(rtcp))).to_be();
+    let new_dport = to.port.raw();
+
+    // Next hop and egress from the kernel's routing and neighbour tables.
+    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input; the fields are set below.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = new_sport;
+    fib.dport = new_dport;
+    fib.__bindgen_anon_1.tot_len = tot_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: inside the checked IPv4 header.
+    fib.__bindgen_anon_2.tos = unsafe { (*ip).tos };
+    fib.__bindgen_anon_3.ipv4_src = new_saddr;
+    fib.__bindgen_anon_4.ipv4_dst = new_daddr;
+    // SAFETY: `ctx.ctx` is this program's context and `fib` a live, correctly sized struct.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassNoNeighbour),
+        _ => return Err(Counter::PassFibFailed),
+    }
+    let out_if = fib.ifindex;
+    if to_leg.ifindex != 0 && to_leg.ifindex != out_if {
+        return Err(Counter::PassEgressUnavailable);
+    }
+    let same_if = out_if == ctx.ingress_ifindex() as u32;
+    if !same_if && HR_EGRESS.get_ifindex(out_if).is_none() {
+        return Err(Counter::PassEgressUnavailable);
+    }
+
+    // Rewrite. From here on the packet is committed to the fast path.
+    // SAFETY: all three headers were bounds-checked above; the packet is not shared.
+    unsafe {
+        (*eth).dst_addr = fib.dmac;
+        (*eth).src_addr = fib.smac;
+
+        let old_saddr = saddr;
+        let old_daddr = u32::from_ne_bytes((*ip).dst_addr);
+        let old_ttl_proto = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
+        let new_ttl_proto = u16::from_ne_bytes([config.ttl, (*ip).proto]);
+        let addr_diff =
+            neg_words32(old_saddr) + neg_words32(old_daddr) + words32(new_saddr) + words32(new_daddr);
+
+        let ip_check = u16::from_ne_bytes((*ip).check);
+        let ip_diff = addr_diff + u64::from(!old_ttl_proto) + u64::from(new_ttl_proto);
+        (*ip).check = csum_update(ip_check, ip_diff).to_ne_bytes();
+        (*ip).ttl = config.ttl;
+        (*ip).src_addr = new_saddr.to_ne_bytes();
+        (*ip).dst_addr = new_daddr.to_ne_bytes();
+
+        let udp_check = u16::from_ne_bytes((*udp).check);
+        // A zero UDP checksum means "none" (RFC 768) and stays zero.
+        if udp_check != 0 {
+            let udp_diff = addr_diff
+                + u64::from(!sport_raw)
+                + u64::from(!u16::from_ne_bytes(dport_raw))
+                + u64::from(new_sport)
+                + u64::from(new_dport);
+            let c = csum_update(udp_check, udp_diff);
+            // A computed zero is sent as all ones (RFC 768).
+            (*udp).check = (if c == 0 { 0xffff } else { c }).to_ne_bytes();
+        }
+        (*udp).src = new_sport.to_ne_bytes();
+        (*udp).dst = new_dport.to_ne_bytes();
+    }
+
+    account(key, from, u64::from(udp_len) - UdpHdr::LEN as u64);
+
+    if same_if {
+        return Ok((xdp_action::XDP_TX, Counter::Tx));
+    }
+    // The fallback action applies only if the interface left the egress map since the lookup
+    // above. The packet is already rewritten, so passing it up would inject a wrong packet into
+    // the stack: this is the program's one deliberate drop, counted.
+    match HR_EGRESS.redirect(out_if, u64::from(xdp_action::XDP_DROP)) {
+        Ok(action) => Ok((action, Counter::Redirect)),
+        Err(action) => Ok((action, Counter::DropRedirectFailed)),
+    }
+}
+
+/// Per-channel counters for the direction out of leg `from`.
+#[inline(always)]
+fn account(key: ChannelKey, from: usize, payload: u64) {
+    let mut stats = HR_CHAN_STATS.get_ptr_mut(key);
+    if stats.is_none() {
+        // User space creates the entry on install; this covers a race with that.
+        let _ = HR_CHAN_STATS.insert(key, ChannelStats::default(), u64::from(BPF_NOEXIST));
+        stats = HR_CHAN_STATS.get_ptr_mut(key);
+    }
+    let Some(stats) = stats else { return };
+    // SAFETY: the pointer comes from a successful map lookup and is valid for this run; the
+    // counters are shared between CPUs, hence atomic adds (BPF_ATOMIC).
+    unsafe {
+        let dir = &raw mut (*stats).from_leg[from & 1];
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).bytes, payload);
+        (*dir).last_seen_ns = bpf_ktime_get_ns();
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

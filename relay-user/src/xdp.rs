@@ -1,1 +1,461 @@
-//! (being written)
+//! The XDP fast path seen from user space: loads the program, attaches it, owns its maps.
+//!
+//! Invariant: the maps named in `relay_common` are pinned under a bpffs directory (default
+//! `/sys/fs/bpf/homerelay`), so channels survive a restart of the process; a new process reuses
+//! them and [`XdpDataPath::channels`] lists what it finds. The program itself is detached when
+//! the [`XdpDataPath`] is dropped: user space owns the decision to run the fast path.
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+};
+use relay_common::{
+    CHANNEL_STATS_MAP, CHANNELS_MAP, CONFIG_MAP, COUNTERS_MAP, Channel, ChannelKey, ChannelStats,
+    Counter, EGRESS_MAP, RelayConfig, XDP_PROGRAM,
+};
+
+use crate::datapath::{DataPath, DataPathError};
+
+/// The compiled XDP object, built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-ebpf"));
+
+/// Name of the always-pass program in the object.
+const PASS_PROGRAM: &str = "homerelay_pass";
+
+/// Default directory for pinned maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/homerelay";
+
+/// How to attach the program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode; fail if the driver does not support it.
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Generic,
+    /// Native, falling back to generic per interface (the log says which and why).
+    #[default]
+    Auto,
+}
+
+impl XdpMode {
+    /// A stable lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for XdpMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "native" | "driver" => Ok(XdpMode::Native),
+            "generic" | "skb" => Ok(XdpMode::Generic),
+            "auto" => Ok(XdpMode::Auto),
+            _ => bail!("unknown XDP mode {s:?} (expected native, generic or auto)"),
+        }
+    }
+}
+
+/// Where and how to run the fast path.
+#[derive(Clone, Debug)]
+pub struct XdpOptions {
+    /// Interfaces to attach to (the relay's Internet- and LAN-facing interfaces).
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    /// bpffs directory for the pinned maps; `None` = [`DEFAULT_PIN_DIR`].
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for XdpOptions {
+    fn default() -> Self {
+        Self { interfaces: Vec::new(), mode: XdpMode::Auto, pin_dir: None }
+    }
+}
+
+/// One attached interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub ifindex: u32,
+    /// `Native` or `Generic`: what actually worked.
+    pub mode: XdpMode,
+}
+
+struct Maps {
+    channels: HashMap<MapData, ChannelKey, Channel>,
+    stats: HashMap<MapData, ChannelKey, ChannelStats>,
+}
+
+/// The loaded and attached XDP program with its maps.
+pub struct XdpDataPath {
+    maps: Mutex<Maps>,
+    counters: PerCpuArray<MapData, u64>,
+    attachments: Vec<Attachment>,
+    pin_dir: PathBuf,
+    port_min: u16,
+    port_max: u16,
+    // Declared last: dropping it detaches the program, after the maps above are released.
+    ebpf: Mutex<Ebpf>,
+    links: Vec<XdpLinkId>,
+}
+
+impl std::fmt::Debug for XdpDataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdpDataPath")
+            .field("attachments", &self.attachments)
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("invalid interface name {name:?}");
+    }
+    let c = CString::new(name).with_context(|| format!("invalid interface name {name:?}"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("no interface {name:?} in this network namespace");
+    }
+    Ok(idx)
+}
+
+/// Mounts a bpffs at `/sys/fs/bpf` if none is there, and creates `dir` in it.
+fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = |p: &Path| -> bool {
+        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        // SAFETY: `statfs` is plain data; zeroed is a valid initial value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is NUL-terminated, `st` is a valid out-pointer.
+        let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+        rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    };
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
+        let src = CString::new("bpf")?;
+        let target = CString::new("/sys/fs/bpf")?;
+        // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+        let rc = unsafe {
+            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!("{} is not on a bpffs: cannot pin the relay's maps there", dir.display());
+    }
+    Ok(())
+}
+
+impl XdpDataPath {
+    /// Loads the program, writes the configuration for relay ports `port_min..=port_max`, and
+    /// attaches to every interface in `opts` (in the calling thread's network namespace).
+    pub fn load(opts: &XdpOptions, port_min: u16, port_max: u16) -> anyhow::Result<Self> {
+        if opts.interfaces.is_empty() {
+            bail!("no interfaces to attach the XDP program to");
+        }
+        if port_min > port_max {
+            bail!("empty relay port range {port_min}-{port_max}");
+        }
+        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        ensure_pin_dir(&pin_dir)?;
+        let ifindexes =
+            opts.interfaces.iter().map(|i| ifindex(i)).collect::<anyhow::Result<Vec<_>>>()?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the XDP program (if maps pinned in {} are from an incompatible \
+                     version, remove that directory)",
+                    pin_dir.display()
+                )
+            })?;
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+        };
+        let channels = HashMap::try_from(take(&mut ebpf, CHANNELS_MAP)?)?;
+        let stats = HashMap::try_from(take(&mut ebpf, CHANNEL_STATS_MAP)?)?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?;
+        let mut config: Array<MapData, RelayConfig> =
+            Array::try_from(take(&mut ebpf, CONFIG_MAP)?)?;
+        config
+            .set(0, RelayConfig::new(port_min, port_max), 0)
+            .context("writing the relay configuration map")?;
+        let mut egress: DevMapHash<MapData> = DevMapHash::try_from(take(&mut ebpf, EGRESS_MAP)?)?;
+        for &idx in &ifindexes {
+            egress.insert(idx, idx, None, 0).context("adding an interface to the egress map")?;
+        }
+
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the object"))?
+            .try_into()?;
+        program.load().context("verifying the XDP program")?;
+        let mut links = Vec::new();
+        let mut attachments = Vec::new();
+        for (name, &idx) in opts.interfaces.iter().zip(&ifindexes) {
+            let (link, mode) = attach(program, name, idx, opts.mode)?;
+            links.push(link);
+            attachments.push(Attachment { interface: name.clone(), ifindex: idx, mode });
+        }
+        Ok(Self {
+            maps: Mutex::new(Maps { channels, stats }),
+            counters,
+            attachments,
+            pin_dir,
+            port_min,
+            port_max,
+            ebpf: Mutex::new(ebpf),
+            links,
+        })
+    }
+
+    /// The interfaces the program runs on, and in which mode.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The directory holding the pinned maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Global counters, summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = self.counters.get(&(c as u32), 0)?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Every channel in the (possibly inherited) channel map, with its key port.
+    pub fn channels(&self) -> Result<Vec<(u16, Channel)>, DataPathError> {
+        let maps = self.lock();
+        maps.channels
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.port.get(), v)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataPathError::Map { map: CHANNELS_MAP, source })
+    }
+
+    /// Runs one Ethernet frame through the loaded program with `BPF_PROG_TEST_RUN`, as if it had
+    /// arrived on `ingress_ifindex` (which must exist in the calling thread's network namespace:
+    /// the FIB lookup runs there). Returns the XDP action and the frame as the program left it.
+    /// For fixture tests and diagnostics; the maps are the live ones.
+    pub fn test_run(&self, frame: &[u8], ingress_ifindex: u32) -> anyhow::Result<(u32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let len = u32::try_from(frame.len()).context("frame too large")?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel requires data = data_meta = 0 and data_end = len.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing"))?
+            .try_into()?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let result = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Detaches the program and removes the pinned maps (the relay's state is gone for good).
+    pub fn unpin_and_close(self) -> anyhow::Result<()> {
+        let dir = self.pin_dir.clone();
+        drop(self);
+        for name in [CHANNELS_MAP, CHANNEL_STATS_MAP, CONFIG_MAP, EGRESS_MAP] {
+            let p = dir.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps inconsistent (each operation is
+        // one syscall), so a poisoned lock is still usable.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_port(&self, port: u16) -> Result<(), DataPathError> {
+        if port & 1 != 0 || port < self.port_min || port >= self.port_max {
+            return Err(DataPathError::PortOutOfRange {
+                port,
+                min: self.port_min,
+                max: self.port_max,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for XdpDataPath {
+    fn drop(&mut self) {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = ebpf.program_mut(XDP_PROGRAM) {
+            let p: Result<&mut Xdp, _> = p.try_into();
+            if let Ok(p) = p {
+                for link in self.links.drain(..) {
+                    if let Err(e) = p.detach(link) {
+                        log::warn!("detaching the XDP program: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn attach(
+    program: &mut Xdp,
+    name: &str,
+    ifindex: u32,
+    mode: XdpMode,
+) -> anyhow::Result<(XdpLinkId, XdpMode)> {
+    match mode {
+        XdpMode::Native => program
+            .attach_to_if_index(ifindex, AyaXdpMode::Driver)
+            .map(|l| (l, XdpMode::Native))
+            .with_context(|| format!("attaching XDP in native mode to {name}")),
+        XdpMode::Generic => program
+            .attach_to_if_index(ifindex, AyaXdpMode::Skb)
+            .map(|l| (l, XdpMode::Generic))
+            .with_context(|| format!("attaching XDP in generic mode to {name}")),
+        XdpMode::Auto => match program.attach_to_if_index(ifindex, AyaXdpMode::Driver) {
+            Ok(l) => {
+                log::info!("XDP attached to {name} in native mode");
+                Ok((l, XdpMode::Native))
+            }
+            Err(e) => {
+                log::warn!("native XDP unavailable on {name} ({e}); falling back to generic mode");
+                program
+                    .attach_to_if_index(ifindex, AyaXdpMode::Skb)
+                    .map(|l| (l, XdpMode::Generic))
+                    .with_context(|| format!("attaching XDP in generic mode to {name}"))
+            }
+        },
+    }
+}
+
+impl DataPath for XdpDataPath {
+    fn name(&self) -> &'static str {
+        "xdp"
+    }
+
+    fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        let key = ChannelKey::for_port(port);
+        let mut maps = self.lock();
+        // Stats first (kept if present), so the program never has to create the entry.
+        if maps.stats.get(&key, 0).is_err() {
+            maps.stats
+                .insert(key, ChannelStats::default(), 0)
+                .map_err(|source| DataPathError::Map { map: CHANNEL_STATS_MAP, source })?;
+        }
+        maps.channels
+            .insert(key, *channel, 0)
+            .map_err(|source| DataPathError::Map { map: CHANNELS_MAP, source })
+    }
+
+    fn remove(&self, port: u16) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        let key = ChannelKey::for_port(port);
+        let mut maps = self.lock();
+        maps.channels.remove(&key).map_err(|_| DataPathError::NotFound(port))?;
+        let _ = maps.stats.remove(&key);
+        Ok(())
+    }
+
+    fn channel(&self, port: u16) -> Result<Channel, DataPathError> {
+        self.check_port(port)?;
+        self.lock()
+            .channels
+            .get(&ChannelKey::for_port(port), 0)
+            .map_err(|_| DataPathError::NotFound(port))
+    }
+
+    fn stats(&self, port: u16) -> Result<ChannelStats, DataPathError> {
+        self.check_port(port)?;
+        let maps = self.lock();
+        let key = ChannelKey::for_port(port);
+        if maps.channels.get(&key, 0).is_err() {
+            return Err(DataPathError::NotFound(port));
+        }
+        Ok(maps.stats.get(&key, 0).unwrap_or_default())
+    }
+}
+
+/// An XDP_PASS program attached to one interface; detached on drop.
+pub struct PassGuard {
+    ebpf: Ebpf,
+    link: Option<XdpLinkId>,
+}
+
+impl std::fmt::Debug for PassGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PassGuard {
+    fn drop(&mut self) {
+        if let (Some(link), Some(p)) = (self.link.take(), self.ebpf.program_mut(PASS_PROGRAM)) {
+            let p: Result<&mut Xdp, _> = p.try_into();
+            if let Ok(p) = p {
+                let _ = p.detach(link);
+            }
+        }
+    }
+}
+
+/// Attaches an XDP program that passes everything to `iface` (in the calling thread's network
+/// namespace). Native XDP on veth drops frames redirected to a peer that has no XDP program,
+/// so the far ends of the relay's veths need one in tests and benchmarks.
+pub fn attach_pass_program(iface: &str, mode: XdpMode) -> anyhow::Result<PassGuard> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let idx = ifindex(iface)?;
+    // The object declares pinned maps; give this private copy a throw-away pin directory and
+    // unpin at once (the maps live on while the program holds them).
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = PathBuf::from(format!("/sys/fs/bpf/homerelay-pass-{}-{n}", std::process::id()));
+    ensure_pin_dir(&dir)?;
+    let loaded = EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut ebpf = loaded.context("loading the XDP pass program")?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PASS_PROGRAM)
+        .ok_or_else(|| anyhow!("program {PASS_PROGRAM} missing from the object"))?
+        .try_into()?;
+    program.load()?;
+    let (link, _) = attach(program, iface, idx, mode)?;
+    Ok(PassGuard { ebpf, link: Some(link) })
+}
