@@ -48,6 +48,12 @@ if ! command -v rustup >/dev/null 2>&1; then
   log "rustup not found: the userspace crates need a rustup stable toolchain (>= 1.85)"; exit 1
 fi
 
+for c in clippy rustfmt; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+    log "warning: rustup component $c is missing (rustup cannot download it here)"
+  fi
+done
+
 # Link Debian's rustc 1.96 (whose `core` source is installed) as a rustup toolchain.
 DEB_TC="$TOOLS/debian-rust"
 mkdir -p "$DEB_TC/bin" "$TOOLS/bin"

@@ -11,7 +11,7 @@ mod common;
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use common::{FrameSpec, parse_forwarded, require_root, rtp};
+use common::{FrameSpec, PinDir, parse_forwarded, require_root, rtp};
 use etherparse::IpNumber;
 use relay_common::{CHANNEL_USERSPACE_ONLY, Channel, Counter, Endpoint, Leg};
 use relay_user::{
@@ -383,7 +383,8 @@ fn fixtures_agree_on_xdp_and_userspace() {
     require_root();
     let _ = env_logger::builder().is_test(true).try_init();
     let tb = Testbed::create(TestbedOptions { nat: true }).expect("testbed");
-    let pin = format!("/sys/fs/bpf/homerelay-test-fixtures-{}", std::process::id());
+    let pin = PinDir::new("fixtures");
+    let pin_path = pin.0.clone();
     let failures = tb.run_in(Host::Relay, move || {
         let opts = XdpOptions {
             interfaces: vec![
@@ -392,7 +393,7 @@ fn fixtures_agree_on_xdp_and_userspace() {
                 netns::RELAY_IF_NAT.into(),
             ],
             mode: XdpMode::Generic,
-            pin_dir: Some(pin.into()),
+            pin_dir: Some(pin_path),
         };
         let xdp = XdpDataPath::load(&opts, PORT_MIN, PORT_MAX).expect("load XDP");
         let chans = channels();
@@ -477,13 +478,14 @@ fn fixtures_agree_on_xdp_and_userspace() {
 fn redirect_to_an_interface_outside_the_egress_map_is_passed_up() {
     require_root();
     let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
-    let pin = format!("/sys/fs/bpf/homerelay-test-egress-{}", std::process::id());
+    let pin = PinDir::new("egress");
+    let pin_path = pin.0.clone();
     tb.run_in(Host::Relay, move || {
         // Attached to the home side only: the office interface is not a fast-path egress.
         let opts = XdpOptions {
             interfaces: vec![netns::RELAY_IF_HOME.into()],
             mode: XdpMode::Generic,
-            pin_dir: Some(pin.into()),
+            pin_dir: Some(pin_path),
         };
         let xdp = XdpDataPath::load(&opts, PORT_MIN, PORT_MAX).unwrap();
         let (port, ch) = channels().remove(0);

@@ -143,3 +143,20 @@ pub fn parse_forwarded(frame: &[u8]) -> Forwarded {
         udp_checksum: udp.checksum,
     }
 }
+
+/// A unique bpffs directory for one test's pinned maps, removed on drop (also on panic).
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(format!("/sys/fs/bpf/homerelay-test-{tag}-{}-{n}", std::process::id()).into())
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
