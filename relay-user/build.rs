@@ -38,11 +38,18 @@ fn main() -> anyhow::Result<()> {
     }
 
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest.parent().context("workspace root")?.join("relay-ebpf");
+    let ebpf_dir = manifest
+        .parent()
+        .context("workspace root")?
+        .join("relay-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     println!("cargo:rerun-if-changed=../relay-common/src");
     aya_build::build_ebpf(
-        [Package { name: "relay-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "relay-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom(TOOLCHAIN),
     )
 }

@@ -57,7 +57,11 @@ struct RunArgs {
     ports: Option<(u16, u16)>,
     /// Interfaces to run the XDP fast path on (repeat or comma-separate). Without any, the relay
     /// forwards in user space only.
-    #[arg(long = "xdp-iface", env = "HOMERELAY_XDP_IFACES", value_delimiter = ',')]
+    #[arg(
+        long = "xdp-iface",
+        env = "HOMERELAY_XDP_IFACES",
+        value_delimiter = ','
+    )]
     xdp_ifaces: Vec<String>,
     /// XDP attach mode: native (driver), generic (skb) or auto (native, else generic).
     #[arg(long, env = "HOMERELAY_XDP_MODE", default_value = "auto")]
@@ -74,9 +78,17 @@ struct RunArgs {
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
-    let a: u16 = a.trim().parse().map_err(|e| format!("first port {a:?}: {e}"))?;
-    let b: u16 = b.trim().parse().map_err(|e| format!("last port {b:?}: {e}"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|e| format!("first port {a:?}: {e}"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|e| format!("last port {b:?}: {e}"))?;
     if a < 1024 || a % 2 != 0 || b <= a {
         return Err(format!(
             "port range {a}-{b}: the first port must be even and at least 1024, and below the last"
@@ -102,7 +114,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         xdp,
         require_xdp: args.require_xdp,
     })?;
-    let channels = (u32::from(port_max) - u32::from(port_min) + 1) / 2;
+    let channels = u32::from(port_max - port_min).div_ceil(2);
     match relay.xdp_unavailable() {
         None => log::info!(
             "relaying on UDP {port_min}-{port_max} ({channels} channels): XDP fast path + user space"
@@ -127,7 +139,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    env_logger::Builder::new().parse_filters(&cli.log).format_timestamp_millis().init();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log)
+        .format_timestamp_millis()
+        .init();
     match cli.command {
         Command::Run(args) => run(args),
     }

@@ -88,7 +88,9 @@ impl Addr16 {
     /// An IPv4 address from its raw network-order representation (as read from a header).
     #[inline(always)]
     pub const fn from_ipv4_raw(raw: u32) -> Self {
-        Self { words: [0, 0, V4_MAPPED_WORD, raw] }
+        Self {
+            words: [0, 0, V4_MAPPED_WORD, raw],
+        }
     }
     /// An IPv4 address from its four octets.
     pub const fn from_ipv4_octets(o: [u8; 4]) -> Self {
@@ -162,8 +164,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// An endpoint not known yet.
-    pub const UNKNOWN: Self =
-        Self { addr: Addr16::UNSPECIFIED, port: Be16::new(0), flags: 0, reserved: 0 };
+    pub const UNKNOWN: Self = Self {
+        addr: Addr16::UNSPECIFIED,
+        port: Be16::new(0),
+        flags: 0,
+        reserved: 0,
+    };
 
     #[inline(always)]
     pub const fn is_latched(&self) -> bool {
@@ -231,7 +237,10 @@ impl ChannelKey {
     /// The key for any relay port (RTP or RTCP) of a channel.
     #[inline(always)]
     pub const fn for_port(host_port: u16) -> Self {
-        Self { port: Be16::new(host_port & !1), reserved: 0 }
+        Self {
+            port: Be16::new(host_port & !1),
+            reserved: 0,
+        }
     }
 }
 

@@ -55,7 +55,8 @@ impl Endpoint {
     }
     /// The endpoint as a socket address, if known.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
-        self.is_known().then(|| SocketAddr::new(self.addr.into(), self.port.get()))
+        self.is_known()
+            .then(|| SocketAddr::new(self.addr.into(), self.port.get()))
     }
     /// Whether this endpoint's address and port equal `addr`.
     pub fn matches(&self, addr: SocketAddr) -> bool {
@@ -135,7 +136,11 @@ mod tests {
             Endpoint::UNKNOWN,
         );
         b.ifindex = 7;
-        Channel { legs: [a, b], flags: 0, reserved: 0 }
+        Channel {
+            legs: [a, b],
+            flags: 0,
+            reserved: 0,
+        }
     }
 
     #[test]
@@ -153,11 +158,17 @@ mod tests {
         let ch = sample_channel();
         let b = as_bytes(&ch);
         // leg A, rtp endpoint: ::ffff:203.0.113.7 then port 40000 = 0x9c40 big-endian, flags.
-        assert_eq!(&b[0..16], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 7]);
+        assert_eq!(
+            &b[0..16],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 203, 0, 113, 7]
+        );
         assert_eq!(&b[16..18], &[0x9c, 0x40]);
         assert_eq!(b[18], ENDPOINT_LATCHED);
         // leg A local address and port 30528 = 0x7740.
-        assert_eq!(&b[40..56], &Addr16::from_ipv4_octets([198, 51, 100, 1]).octets());
+        assert_eq!(
+            &b[40..56],
+            &Addr16::from_ipv4_octets([198, 51, 100, 1]).octets()
+        );
         assert_eq!(&b[56..58], &[0x77, 0x40]);
         // leg B ifindex (host order, as the kernel's bpf_fib_lookup uses it).
         assert_eq!(&b[64 + 60..64 + 64], &7u32.to_ne_bytes());
@@ -201,12 +212,31 @@ mod tests {
     #[test]
     fn stats_merge_adds_and_keeps_latest() {
         let mut a = ChannelStats::default();
-        a.from_leg[0] = DirectionStats { packets: 2, bytes: 320, last_seen_ns: 10 };
+        a.from_leg[0] = DirectionStats {
+            packets: 2,
+            bytes: 320,
+            last_seen_ns: 10,
+        };
         let mut b = ChannelStats::default();
-        b.from_leg[0] = DirectionStats { packets: 3, bytes: 480, last_seen_ns: 5 };
-        b.from_leg[1] = DirectionStats { packets: 1, bytes: 160, last_seen_ns: 7 };
+        b.from_leg[0] = DirectionStats {
+            packets: 3,
+            bytes: 480,
+            last_seen_ns: 5,
+        };
+        b.from_leg[1] = DirectionStats {
+            packets: 1,
+            bytes: 160,
+            last_seen_ns: 7,
+        };
         a.merge(&b);
-        assert_eq!(a.from_leg[0], DirectionStats { packets: 5, bytes: 800, last_seen_ns: 10 });
+        assert_eq!(
+            a.from_leg[0],
+            DirectionStats {
+                packets: 5,
+                bytes: 800,
+                last_seen_ns: 10
+            }
+        );
         assert_eq!(a.from_leg[1].packets, 1);
     }
 }

@@ -14,7 +14,10 @@ pub enum DataPathError {
     #[error("cannot bind relay port {port}: {source}")]
     Bind { port: u16, source: std::io::Error },
     #[error("bpf map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("data path is shut down")]
     ShutDown,
     #[error(transparent)]

@@ -25,7 +25,11 @@ pub enum Component {
 impl Component {
     /// The component a packet to relay port `port` belongs to.
     pub fn of_port(port: u16) -> Self {
-        if port & 1 == 0 { Component::Rtp } else { Component::Rtcp }
+        if port & 1 == 0 {
+            Component::Rtp
+        } else {
+            Component::Rtcp
+        }
     }
     fn endpoint(self, leg: &relay_common::Leg) -> &Endpoint {
         match self {
@@ -61,8 +65,11 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for counters.
-    pub const ALL: [DropReason; 3] =
-        [DropReason::UnknownSource, DropReason::Ambiguous, DropReason::DestinationUnknown];
+    pub const ALL: [DropReason; 3] = [
+        DropReason::UnknownSource,
+        DropReason::Ambiguous,
+        DropReason::DestinationUnknown,
+    ];
 
     /// A stable lowercase name, used as a metric label.
     pub fn name(self) -> &'static str {
@@ -80,7 +87,12 @@ pub enum Decision {
     /// Send the payload unchanged from `from` (a relay address) to `to`. `from_leg` is the leg
     /// it came from (the direction index of the counters). `latched` is true when this packet
     /// latched its source: the channel changed and the fast path should learn it.
-    Forward { from_leg: usize, from: SocketAddr, to: SocketAddr, latched: bool },
+    Forward {
+        from_leg: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        latched: bool,
+    },
     /// Drop it, counted by reason.
     Drop(DropReason),
 }
@@ -92,29 +104,25 @@ pub fn decide(channel: &mut Channel, relay_port: u16, src: SocketAddr) -> Decisi
     let mut latched = false;
 
     // 1. A latched endpoint that matches: the common case, and the only one the fast path takes.
-    let from_leg = match [LEG_A, LEG_B]
-        .into_iter()
-        .find(|&i| {
-            let ep = component.endpoint(&channel.legs[i]);
-            ep.is_latched() && ep.matches(src)
-        }) {
+    let from_leg = match [LEG_A, LEG_B].into_iter().find(|&i| {
+        let ep = component.endpoint(&channel.legs[i]);
+        ep.is_latched() && ep.matches(src)
+    }) {
         Some(i) => i,
         None => {
             // 2. An expected (announced, not yet confirmed) endpoint that matches exactly.
-            let unlatched: Vec<usize> = [LEG_A, LEG_B]
+            let unlatched =
+                [LEG_A, LEG_B].map(|i| !component.endpoint(&channel.legs[i]).is_latched());
+            let exact = [LEG_A, LEG_B]
                 .into_iter()
-                .filter(|&i| !component.endpoint(&channel.legs[i]).is_latched())
-                .collect();
-            let exact = unlatched
-                .iter()
-                .copied()
-                .find(|&i| component.endpoint(&channel.legs[i]).matches(src));
-            let leg = match (exact, unlatched.as_slice()) {
+                .find(|&i| unlatched[i] && component.endpoint(&channel.legs[i]).matches(src));
+            let leg = match (exact, unlatched) {
                 (Some(i), _) => i,
                 // 3. Exactly one leg left to learn: this source is its real (NATed) address.
-                (None, [only]) => *only,
-                (None, []) => return Decision::Drop(DropReason::UnknownSource),
-                (None, _) => return Decision::Drop(DropReason::Ambiguous),
+                (None, [true, false]) => LEG_A,
+                (None, [false, true]) => LEG_B,
+                (None, [false, false]) => return Decision::Drop(DropReason::UnknownSource),
+                (None, [true, true]) => return Decision::Drop(DropReason::Ambiguous),
             };
             *component.endpoint_mut(&mut channel.legs[leg]) = Endpoint::new(src, true);
             latched = true;
@@ -130,7 +138,12 @@ pub fn decide(channel: &mut Channel, relay_port: u16, src: SocketAddr) -> Decisi
         to_leg.local_addr.into(),
         to_leg.local_port.get().wrapping_add(component.offset()),
     );
-    Decision::Forward { from_leg, from, to, latched }
+    Decision::Forward {
+        from_leg,
+        from,
+        to,
+        latched,
+    }
 }
 
 #[cfg(test)]
@@ -154,7 +167,11 @@ mod tests {
             Endpoint::new(sa("192.0.2.10:6000"), true),
             Endpoint::new(sa("192.0.2.10:6001"), true),
         );
-        Channel { legs: [a, b], flags: 0, reserved: 0 }
+        Channel {
+            legs: [a, b],
+            flags: 0,
+            reserved: 0,
+        }
     }
 
     #[test]
@@ -236,6 +253,13 @@ mod tests {
         );
         // An exact match of an expected address latches that leg.
         let d = decide(&mut ch, 30528, sa("192.0.2.10:6000"));
-        assert!(matches!(d, Decision::Forward { from_leg: LEG_B, latched: true, .. }));
+        assert!(matches!(
+            d,
+            Decision::Forward {
+                from_leg: LEG_B,
+                latched: true,
+                ..
+            }
+        ));
     }
 }

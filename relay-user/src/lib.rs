@@ -15,4 +15,4 @@ pub mod userspace;
 pub mod xdp;
 
 pub use datapath::{DataPath, DataPathError};
-// pub use relay::{Relay, RelayOptions};
+pub use relay::{Relay, RelayOptions};

@@ -79,7 +79,11 @@ pub struct XdpOptions {
 
 impl Default for XdpOptions {
     fn default() -> Self {
-        Self { interfaces: Vec::new(), mode: XdpMode::Auto, pin_dir: None }
+        Self {
+            interfaces: Vec::new(),
+            mode: XdpMode::Auto,
+            pin_dir: None,
+        }
     }
 }
 
@@ -108,6 +112,9 @@ pub struct XdpDataPath {
     // Declared last: dropping it detaches the program, after the maps above are released.
     ebpf: Mutex<Ebpf>,
     links: Vec<XdpLinkId>,
+    /// The network namespace the program was attached in: detaching (netlink, for kernels or
+    /// drivers without XDP links) must happen there, whichever thread drops this.
+    netns: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for XdpDataPath {
@@ -137,7 +144,9 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs = |p: &Path| -> bool {
-        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
         // SAFETY: `statfs` is plain data; zeroed is a valid initial value.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: `c` is NUL-terminated, `st` is a valid out-pointer.
@@ -150,15 +159,25 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         let target = CString::new("/sys/fs/bpf")?;
         // SAFETY: all pointers are valid NUL-terminated strings; data is null.
         let rc = unsafe {
-            libc::mount(src.as_ptr(), target.as_ptr(), src.as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating pin directory {}", dir.display()))?;
     if !is_bpffs(dir) {
-        bail!("{} is not on a bpffs: cannot pin the relay's maps there", dir.display());
+        bail!(
+            "{} is not on a bpffs: cannot pin the relay's maps there",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -173,10 +192,16 @@ impl XdpDataPath {
         if port_min > port_max {
             bail!("empty relay port range {port_min}-{port_max}");
         }
-        let pin_dir = opts.pin_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        let pin_dir = opts
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
         ensure_pin_dir(&pin_dir)?;
-        let ifindexes =
-            opts.interfaces.iter().map(|i| ifindex(i)).collect::<anyhow::Result<Vec<_>>>()?;
+        let ifindexes = opts
+            .interfaces
+            .iter()
+            .map(|i| ifindex(i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
@@ -190,7 +215,8 @@ impl XdpDataPath {
             })?;
 
         let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
         };
         let channels = HashMap::try_from(take(&mut ebpf, CHANNELS_MAP)?)?;
         let stats = HashMap::try_from(take(&mut ebpf, CHANNEL_STATS_MAP)?)?;
@@ -202,7 +228,9 @@ impl XdpDataPath {
             .context("writing the relay configuration map")?;
         let mut egress: DevMapHash<MapData> = DevMapHash::try_from(take(&mut ebpf, EGRESS_MAP)?)?;
         for &idx in &ifindexes {
-            egress.insert(idx, idx, None, 0).context("adding an interface to the egress map")?;
+            egress
+                .insert(idx, idx, None, 0)
+                .context("adding an interface to the egress map")?;
         }
 
         let program: &mut Xdp = ebpf
@@ -215,7 +243,11 @@ impl XdpDataPath {
         for (name, &idx) in opts.interfaces.iter().zip(&ifindexes) {
             let (link, mode) = attach(program, name, idx, opts.mode)?;
             links.push(link);
-            attachments.push(Attachment { interface: name.clone(), ifindex: idx, mode });
+            attachments.push(Attachment {
+                interface: name.clone(),
+                ifindex: idx,
+                mode,
+            });
         }
         Ok(Self {
             maps: Mutex::new(Maps { channels, stats }),
@@ -226,6 +258,7 @@ impl XdpDataPath {
             port_max,
             ebpf: Mutex::new(ebpf),
             links,
+            netns: current_netns(),
         })
     }
 
@@ -257,7 +290,10 @@ impl XdpDataPath {
             .iter()
             .map(|r| r.map(|(k, v)| (k.port.get(), v)))
             .collect::<Result<_, _>>()
-            .map_err(|source| DataPathError::Map { map: CHANNELS_MAP, source })
+            .map_err(|source| DataPathError::Map {
+                map: CHANNELS_MAP,
+                source,
+            })
     }
 
     /// Runs one Ethernet frame through the loaded program with `BPF_PROG_TEST_RUN`, as if it had
@@ -321,18 +357,55 @@ impl XdpDataPath {
 
 impl Drop for XdpDataPath {
     fn drop(&mut self) {
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = ebpf.program_mut(XDP_PROGRAM) {
+        let links: Vec<XdpLinkId> = self.links.drain(..).collect();
+        let ebpf = &self.ebpf;
+        in_netns(self.netns.as_ref(), || {
+            let mut ebpf = ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = ebpf.program_mut(XDP_PROGRAM) else {
+                return;
+            };
             let p: Result<&mut Xdp, _> = p.try_into();
-            if let Ok(p) = p {
-                for link in self.links.drain(..) {
-                    if let Err(e) = p.detach(link) {
-                        log::warn!("detaching the XDP program: {e}");
-                    }
+            let Ok(p) = p else { return };
+            for link in links {
+                if let Err(e) = p.detach(link) {
+                    log::warn!("detaching the XDP program: {e}");
                 }
             }
-        }
+        });
     }
+}
+
+/// The calling thread's network namespace, kept open.
+fn current_netns() -> Option<std::fs::File> {
+    std::fs::File::open("/proc/thread-self/ns/net").ok()
+}
+
+/// Runs `f` in network namespace `ns` (on a scoped thread that enters it), or right here when
+/// this thread is already there or `ns` is unknown.
+fn in_netns(ns: Option<&std::fs::File>, f: impl FnOnce() + Send) {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    let Some(ns) = ns else { return f() };
+    let same = match (ns.metadata(), std::fs::metadata("/proc/thread-self/ns/net")) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    };
+    if same {
+        return f();
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns reads the open descriptor and changes only this new thread's
+            // network namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                log::warn!(
+                    "entering the relay's network namespace to detach: {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            f();
+        });
+    });
 }
 
 fn attach(
@@ -379,18 +452,26 @@ impl DataPath for XdpDataPath {
         if maps.stats.get(&key, 0).is_err() {
             maps.stats
                 .insert(key, ChannelStats::default(), 0)
-                .map_err(|source| DataPathError::Map { map: CHANNEL_STATS_MAP, source })?;
+                .map_err(|source| DataPathError::Map {
+                    map: CHANNEL_STATS_MAP,
+                    source,
+                })?;
         }
         maps.channels
             .insert(key, *channel, 0)
-            .map_err(|source| DataPathError::Map { map: CHANNELS_MAP, source })
+            .map_err(|source| DataPathError::Map {
+                map: CHANNELS_MAP,
+                source,
+            })
     }
 
     fn remove(&self, port: u16) -> Result<(), DataPathError> {
         self.check_port(port)?;
         let key = ChannelKey::for_port(port);
         let mut maps = self.lock();
-        maps.channels.remove(&key).map_err(|_| DataPathError::NotFound(port))?;
+        maps.channels
+            .remove(&key)
+            .map_err(|_| DataPathError::NotFound(port))?;
         let _ = maps.stats.remove(&key);
         Ok(())
     }
@@ -418,6 +499,7 @@ impl DataPath for XdpDataPath {
 pub struct PassGuard {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
+    netns: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for PassGuard {
@@ -428,12 +510,16 @@ impl std::fmt::Debug for PassGuard {
 
 impl Drop for PassGuard {
     fn drop(&mut self) {
-        if let (Some(link), Some(p)) = (self.link.take(), self.ebpf.program_mut(PASS_PROGRAM)) {
-            let p: Result<&mut Xdp, _> = p.try_into();
-            if let Ok(p) = p {
-                let _ = p.detach(link);
+        let Some(link) = self.link.take() else { return };
+        let ebpf = &mut self.ebpf;
+        in_netns(self.netns.as_ref(), move || {
+            if let Some(p) = ebpf.program_mut(PASS_PROGRAM) {
+                let p: Result<&mut Xdp, _> = p.try_into();
+                if let Ok(p) = p {
+                    let _ = p.detach(link);
+                }
             }
-        }
+        });
     }
 }
 
@@ -446,9 +532,14 @@ pub fn attach_pass_program(iface: &str, mode: XdpMode) -> anyhow::Result<PassGua
     // The object declares pinned maps; give this private copy a throw-away pin directory and
     // unpin at once (the maps live on while the program holds them).
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = PathBuf::from(format!("/sys/fs/bpf/homerelay-pass-{}-{n}", std::process::id()));
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/homerelay-pass-{}-{n}",
+        std::process::id()
+    ));
     ensure_pin_dir(&dir)?;
-    let loaded = EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT);
+    let loaded = EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(OBJECT);
     let _ = std::fs::remove_dir_all(&dir);
     let mut ebpf = loaded.context("loading the XDP pass program")?;
     let program: &mut Xdp = ebpf
@@ -457,5 +548,9 @@ pub fn attach_pass_program(iface: &str, mode: XdpMode) -> anyhow::Result<PassGua
         .try_into()?;
     program.load()?;
     let (link, _) = attach(program, iface, idx, mode)?;
-    Ok(PassGuard { ebpf, link: Some(link) })
+    Ok(PassGuard {
+        ebpf,
+        link: Some(link),
+        netns: current_netns(),
+    })
 }

@@ -36,15 +36,29 @@ fn sa(s: &str) -> SocketAddr {
 }
 
 fn leg(local: &str, rtp: &str, rtcp: &str, latched: bool) -> Leg {
-    Leg::new(sa(local), Endpoint::new(sa(rtp), latched), Endpoint::new(sa(rtcp), latched))
+    Leg::new(
+        sa(local),
+        Endpoint::new(sa(rtp), latched),
+        Endpoint::new(sa(rtcp), latched),
+    )
 }
 
 /// The channels the fixtures run against.
 fn channels() -> Vec<(u16, Channel)> {
     let home_office = Channel {
         legs: [
-            leg("198.51.100.1:30528", "198.51.100.10:5004", "198.51.100.10:5005", true),
-            leg("192.0.2.1:30528", "192.0.2.10:6000", "192.0.2.10:6001", true),
+            leg(
+                "198.51.100.1:30528",
+                "198.51.100.10:5004",
+                "198.51.100.10:5005",
+                true,
+            ),
+            leg(
+                "192.0.2.1:30528",
+                "192.0.2.10:6000",
+                "192.0.2.10:6001",
+                true,
+            ),
         ],
         flags: 0,
         reserved: 0,
@@ -52,8 +66,18 @@ fn channels() -> Vec<(u16, Channel)> {
     // Home leg announced a private address (it is behind NAT) and is not latched yet.
     let unlatched_home = Channel {
         legs: [
-            leg("198.51.100.129:30530", "10.0.0.5:5004", "10.0.0.5:5005", false),
-            leg("192.0.2.1:30530", "192.0.2.10:6002", "192.0.2.10:6003", true),
+            leg(
+                "198.51.100.129:30530",
+                "10.0.0.5:5004",
+                "10.0.0.5:5005",
+                false,
+            ),
+            leg(
+                "192.0.2.1:30530",
+                "192.0.2.10:6002",
+                "192.0.2.10:6003",
+                true,
+            ),
         ],
         flags: 0,
         reserved: 0,
@@ -61,8 +85,18 @@ fn channels() -> Vec<(u16, Channel)> {
     // Two devices reached through the same interface: hairpin, XDP_TX.
     let hairpin = Channel {
         legs: [
-            leg("198.51.100.1:30532", "198.51.100.10:7000", "198.51.100.10:7001", true),
-            leg("198.51.100.1:30532", "198.51.100.10:7002", "198.51.100.10:7003", true),
+            leg(
+                "198.51.100.1:30532",
+                "198.51.100.10:7000",
+                "198.51.100.10:7001",
+                true,
+            ),
+            leg(
+                "198.51.100.1:30532",
+                "198.51.100.10:7002",
+                "198.51.100.10:7003",
+                true,
+            ),
         ],
         flags: 0,
         reserved: 0,
@@ -75,8 +109,18 @@ fn channels() -> Vec<(u16, Channel)> {
     // Office leg announced but not confirmed yet.
     let unlatched_office = Channel {
         legs: [
-            leg("198.51.100.1:30536", "198.51.100.10:5010", "198.51.100.10:5011", true),
-            leg("192.0.2.1:30536", "192.0.2.10:6010", "192.0.2.10:6011", false),
+            leg(
+                "198.51.100.1:30536",
+                "198.51.100.10:5010",
+                "198.51.100.10:5011",
+                true,
+            ),
+            leg(
+                "192.0.2.1:30536",
+                "192.0.2.10:6010",
+                "192.0.2.10:6011",
+                false,
+            ),
         ],
         flags: 0,
         reserved: 0,
@@ -149,14 +193,24 @@ fn fixtures() -> Vec<Fixture> {
     let mut f = Vec::new();
     let payload = rtp(7, 0xdead_beef);
     let fwd = |from_leg, from: &str, to: &str, latched| {
-        Some(Decision::Forward { from_leg, from: sa(from), to: sa(to), latched })
+        Some(Decision::Forward {
+            from_leg,
+            from: sa(from),
+            to: sa(to),
+            latched,
+        })
     };
 
     let a_to_b = FrameSpec::udp(v4("198.51.100.10:5004"), v4("198.51.100.1:30528"), &payload);
     f.push(Fixture {
         name: "A to B (home to office), redirect between interfaces",
         ingress: netns::RELAY_IF_HOME,
-        output: Some(expected_output(&a_to_b, "192.0.2.1:30528", "192.0.2.10:6000", netns::RELAY_IF_OFFICE)),
+        output: Some(expected_output(
+            &a_to_b,
+            "192.0.2.1:30528",
+            "192.0.2.10:6000",
+            netns::RELAY_IF_OFFICE,
+        )),
         frame: a_to_b.build(),
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
@@ -167,18 +221,35 @@ fn fixtures() -> Vec<Fixture> {
     f.push(Fixture {
         name: "B to A (office to home)",
         ingress: netns::RELAY_IF_OFFICE,
-        output: Some(expected_output(&b_to_a, "198.51.100.1:30528", "198.51.100.10:5004", netns::RELAY_IF_HOME)),
+        output: Some(expected_output(
+            &b_to_a,
+            "198.51.100.1:30528",
+            "198.51.100.10:5004",
+            netns::RELAY_IF_HOME,
+        )),
         frame: b_to_a.build(),
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
         userspace: fwd(1, "198.51.100.1:30528", "198.51.100.10:5004", false),
     });
 
-    let rtcp = FrameSpec::udp(v4("198.51.100.10:5005"), v4("198.51.100.1:30529"), &[0x81, 0xc9, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]);
+    let rtcp = FrameSpec::udp(
+        v4("198.51.100.10:5005"),
+        v4("198.51.100.1:30529"),
+        &[
+            0x81, 0xc9, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+            20, 21, 22, 23, 24, 25, 26, 27, 28,
+        ],
+    );
     f.push(Fixture {
         name: "RTCP to the odd port uses the RTCP endpoints",
         ingress: netns::RELAY_IF_HOME,
-        output: Some(expected_output(&rtcp, "192.0.2.1:30529", "192.0.2.10:6001", netns::RELAY_IF_OFFICE)),
+        output: Some(expected_output(
+            &rtcp,
+            "192.0.2.1:30529",
+            "192.0.2.10:6001",
+            netns::RELAY_IF_OFFICE,
+        )),
         frame: rtcp.build(),
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
@@ -189,7 +260,12 @@ fn fixtures() -> Vec<Fixture> {
     f.push(Fixture {
         name: "both legs behind the ingress interface: XDP_TX",
         ingress: netns::RELAY_IF_HOME,
-        output: Some(expected_output(&hairpin, "198.51.100.1:30532", "198.51.100.10:7002", netns::RELAY_IF_HOME)),
+        output: Some(expected_output(
+            &hairpin,
+            "198.51.100.1:30532",
+            "198.51.100.10:7002",
+            netns::RELAY_IF_HOME,
+        )),
         frame: hairpin.build(),
         action: XDP_TX,
         counter: Counter::Tx,
@@ -201,7 +277,12 @@ fn fixtures() -> Vec<Fixture> {
     f.push(Fixture {
         name: "zero UDP checksum stays zero",
         ingress: netns::RELAY_IF_OFFICE,
-        output: Some(expected_output(&zero, "198.51.100.1:30528", "198.51.100.10:5004", netns::RELAY_IF_HOME)),
+        output: Some(expected_output(
+            &zero,
+            "198.51.100.1:30528",
+            "198.51.100.10:5004",
+            netns::RELAY_IF_HOME,
+        )),
         frame: zero.build(),
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
@@ -209,14 +290,27 @@ fn fixtures() -> Vec<Fixture> {
     });
 
     // Payload variants: different starting checksums exercise the carries of the update.
-    for (i, odd) in [[0u8, 0], [0xff, 0xff], [0x12, 0x34], [0xfe, 0xdc]].iter().enumerate() {
+    for (i, odd) in [[0u8, 0], [0xff, 0xff], [0x12, 0x34], [0xfe, 0xdc]]
+        .iter()
+        .enumerate()
+    {
         let mut p = payload.clone();
         p[12..14].copy_from_slice(odd);
         let spec = FrameSpec::udp(v4("198.51.100.10:5004"), v4("198.51.100.1:30528"), &p);
         f.push(Fixture {
-            name: ["checksum variant 0", "checksum variant 1", "checksum variant 2", "checksum variant 3"][i],
+            name: [
+                "checksum variant 0",
+                "checksum variant 1",
+                "checksum variant 2",
+                "checksum variant 3",
+            ][i],
             ingress: netns::RELAY_IF_HOME,
-            output: Some(expected_output(&spec, "192.0.2.1:30528", "192.0.2.10:6000", netns::RELAY_IF_OFFICE)),
+            output: Some(expected_output(
+                &spec,
+                "192.0.2.1:30528",
+                "192.0.2.10:6000",
+                netns::RELAY_IF_OFFICE,
+            )),
             frame: spec.build(),
             action: XDP_REDIRECT,
             counter: Counter::Redirect,
@@ -235,7 +329,11 @@ fn fixtures() -> Vec<Fixture> {
         userspace: Some(Decision::Drop(DropReason::UnknownSource)),
     });
 
-    let natted = FrameSpec::udp(v4("198.51.100.130:40001"), v4("198.51.100.129:30530"), &payload);
+    let natted = FrameSpec::udp(
+        v4("198.51.100.130:40001"),
+        v4("198.51.100.129:30530"),
+        &payload,
+    );
     f.push(Fixture {
         name: "unlatched leg: passed up, user space latches the NAT address and forwards",
         ingress: netns::RELAY_IF_NAT,
@@ -271,9 +369,17 @@ fn fixtures() -> Vec<Fixture> {
     for (name, port, counter) in [
         ("port below the range", 30526, Counter::PassPortOutOfRange),
         ("port above the range", 30888, Counter::PassPortOutOfRange),
-        ("relay port without a channel", 30600, Counter::PassNoChannel),
+        (
+            "relay port without a channel",
+            30600,
+            Counter::PassNoChannel,
+        ),
     ] {
-        let spec = FrameSpec::udp(v4("198.51.100.10:5004"), SocketAddrV4::new([198, 51, 100, 1].into(), port), &payload);
+        let spec = FrameSpec::udp(
+            v4("198.51.100.10:5004"),
+            SocketAddrV4::new([198, 51, 100, 1].into(), port),
+            &payload,
+        );
         f.push(Fixture {
             name,
             ingress: netns::RELAY_IF_HOME,
@@ -285,7 +391,11 @@ fn fixtures() -> Vec<Fixture> {
         });
     }
 
-    let mut icmp = FrameSpec::udp(v4("198.51.100.10:0"), v4("198.51.100.1:0"), &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
+    let mut icmp = FrameSpec::udp(
+        v4("198.51.100.10:0"),
+        v4("198.51.100.1:0"),
+        &[8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+    );
     icmp.protocol = IpNumber::ICMP;
     f.push(Fixture {
         name: "non-UDP (ICMP echo)",
@@ -419,7 +529,10 @@ fn fixtures_agree_on_xdp_and_userspace() {
                 .map(|(b, a)| (b.0, a.1 - b.1))
                 .collect();
             if moved != vec![(fx.counter, 1)] {
-                errs.push(format!("counters moved {moved:?}, expected [({:?}, 1)]", fx.counter));
+                errs.push(format!(
+                    "counters moved {moved:?}, expected [({:?}, 1)]",
+                    fx.counter
+                ));
             }
             match &fx.output {
                 Some(expected) if out != *expected => errs.push(format!(
@@ -432,11 +545,19 @@ fn fixtures_agree_on_xdp_and_userspace() {
             // The user-space path on what the kernel would deliver.
             let mut ch_by_port = chans.clone();
             let us = socket_view(&fx.frame, &bound).map(|(src, port, payload)| {
-                let ch = &mut ch_by_port.iter_mut().find(|(p, _)| *p == port & !1).unwrap().1;
+                let ch = &mut ch_by_port
+                    .iter_mut()
+                    .find(|(p, _)| *p == port & !1)
+                    .unwrap()
+                    .1;
                 (decide(ch, port, src), payload)
             });
             if us.as_ref().map(|(d, _)| *d) != fx.userspace {
-                errs.push(format!("user space decided {:?}, expected {:?}", us.as_ref().map(|u| u.0), fx.userspace));
+                errs.push(format!(
+                    "user space decided {:?}, expected {:?}",
+                    us.as_ref().map(|u| u.0),
+                    fx.userspace
+                ));
             }
             // Where XDP forwarded, user space must produce the very same datagram.
             if fx.output.is_some() && errs.is_empty() {
@@ -446,7 +567,10 @@ fn fixtures_agree_on_xdp_and_userspace() {
                         if got.src != from || got.dst != to || got.payload != payload {
                             errs.push(format!(
                                 "XDP sent {}→{} ({} bytes), user space {from}→{to} ({} bytes)",
-                                got.src, got.dst, got.payload.len(), payload.len()
+                                got.src,
+                                got.dst,
+                                got.payload.len(),
+                                payload.len()
                             ));
                         }
                         if fx.frame[14 + 26..14 + 28] != [0, 0] && got.udp_checksum == 0 {
@@ -463,7 +587,9 @@ fn fixtures_agree_on_xdp_and_userspace() {
         // Per-channel counters: the forwarded fixtures on 30528.
         let s = xdp.stats(30528).unwrap();
         if s.from_leg[0].packets != 6 || s.from_leg[1].packets != 2 {
-            failures.push(format!("channel 30528 stats {s:?}, expected 6 from A and 2 from B"));
+            failures.push(format!(
+                "channel 30528 stats {s:?}, expected 6 from A and 2 from B"
+            ));
         }
         if s.from_leg[1].bytes != 2 * 172 || s.from_leg[0].last_seen_ns == 0 {
             failures.push(format!("channel 30528 bytes/last_seen wrong: {s:?}"));
@@ -471,7 +597,12 @@ fn fixtures_agree_on_xdp_and_userspace() {
         xdp.unpin_and_close().unwrap();
         failures
     });
-    assert!(failures.is_empty(), "{} fixture(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixture(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -495,7 +626,13 @@ fn redirect_to_an_interface_outside_the_egress_map_is_passed_up() {
         assert_eq!(action, XDP_PASS);
         assert_eq!(out, frame);
         let c = xdp.counters().unwrap();
-        assert_eq!(c.iter().find(|(k, _)| *k == Counter::PassEgressUnavailable).unwrap().1, 1);
+        assert_eq!(
+            c.iter()
+                .find(|(k, _)| *k == Counter::PassEgressUnavailable)
+                .unwrap()
+                .1,
+            1
+        );
         // And a channel whose leg pins another egress interface than the FIB's.
         let mut pinned = ch;
         pinned.legs[1].ifindex = ifindex(netns::RELAY_IF_HOME);

@@ -3,7 +3,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-use etherparse::{EtherType, Ethernet2Header, IpDscp, IpNumber, Ipv4Header, Ipv4Options, UdpHeader};
+use etherparse::{
+    EtherType, Ethernet2Header, IpDscp, IpNumber, Ipv4Header, Ipv4Options, UdpHeader,
+};
 
 /// Privileged tests need root (BPF, XDP, network namespaces). Without it they fail loudly:
 /// a skipped data-plane test would make a green run mean nothing.
@@ -81,13 +83,9 @@ impl FrameSpec {
         ip.header_checksum = ip.calc_header_checksum();
         ip.write(&mut out).unwrap();
         if self.protocol == IpNumber::UDP {
-            let mut udp = UdpHeader::with_ipv4_checksum(
-                self.src.port(),
-                self.dst.port(),
-                &ip,
-                &self.payload,
-            )
-            .unwrap();
+            let mut udp =
+                UdpHeader::with_ipv4_checksum(self.src.port(), self.dst.port(), &ip, &self.payload)
+                    .unwrap();
             if let Some(c) = self.udp_checksum {
                 udp.checksum = c;
             }
@@ -123,7 +121,11 @@ pub struct Forwarded {
 pub fn parse_forwarded(frame: &[u8]) -> Forwarded {
     let (eth, rest) = Ethernet2Header::from_slice(frame).unwrap();
     let (ip, rest) = Ipv4Header::from_slice(rest).unwrap();
-    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     let (udp, payload) = UdpHeader::from_slice(rest).unwrap();
     let payload = &payload[..usize::from(udp.length) - 8];
     if udp.checksum != 0 {
@@ -136,8 +138,14 @@ pub fn parse_forwarded(frame: &[u8]) -> Forwarded {
     Forwarded {
         src_mac: eth.source,
         dst_mac: eth.destination,
-        src: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip.source), udp.source_port)),
-        dst: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip.destination), udp.destination_port)),
+        src: SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(ip.source),
+            udp.source_port,
+        )),
+        dst: SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(ip.destination),
+            udp.destination_port,
+        )),
         ttl: ip.time_to_live,
         payload: payload.to_vec(),
         udp_checksum: udp.checksum,
@@ -151,7 +159,13 @@ impl PinDir {
     pub fn new(tag: &str) -> Self {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(format!("/sys/fs/bpf/homerelay-test-{tag}-{}-{n}", std::process::id()).into())
+        Self(
+            format!(
+                "/sys/fs/bpf/homerelay-test-{tag}-{}-{n}",
+                std::process::id()
+            )
+            .into(),
+        )
     }
 }
 
