@@ -3,6 +3,11 @@
 //! UDP sockets sending RTP both ways through the relay — in user space only, with XDP in
 //! generic mode and with XDP in native mode. Receivers check payloads, sequence numbers and
 //! source addresses; the relay's counters show which path carried the packets.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: an unwrap failing is the test failing"
+)]
+
 mod common;
 
 use std::{

@@ -7,6 +7,11 @@
 //! must move; the output frame byte for byte against one built independently (fresh checksums);
 //! that a passed frame is untouched; and that the user-space rule, fed what the kernel would
 //! deliver to the relay's socket, reaches the same outcome (same source, destination, payload).
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: an unwrap failing is the test failing"
+)]
+
 mod common;
 
 use std::net::{SocketAddr, SocketAddrV4};

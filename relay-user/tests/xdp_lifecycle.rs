@@ -1,5 +1,10 @@
 //! The fast path's life cycle: attach modes, clean detach, pinned maps that outlive the
 //! process's hold on them, and clear errors for bad input.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: an unwrap failing is the test failing"
+)]
+
 mod common;
 
 use std::net::SocketAddr;

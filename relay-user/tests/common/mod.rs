@@ -1,5 +1,9 @@
 //! Helpers shared by the privileged integration tests.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: an unwrap failing is the test failing"
+)]
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
