@@ -24,8 +24,8 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
-        xdp_action,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
     macros::{map, xdp},
@@ -144,7 +144,12 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     // SAFETY: `ptr_at` checked that a 20-byte IPv4 header lies inside the packet; every access
     // below through `ip` stays within those 20 bytes.
     let (vihl, proto, frags, tot_len) = unsafe {
-        ((*ip).vihl, (*ip).proto, u16::from_be_bytes((*ip).frags), (*ip).tot_len)
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).tot_len,
+        )
     };
     if vihl >> 4 != 4 {
         return Err(Counter::PassNotIpv4);
@@ -229,9 +234,7 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     fib.__bindgen_anon_3.ipv4_src = new_saddr;
     fib.__bindgen_anon_4.ipv4_dst = new_daddr;
     // SAFETY: `ctx.ctx` is this program's context and `fib` a live, correctly sized struct.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassNoNeighbour),
@@ -256,8 +259,10 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         let old_daddr = u32::from_ne_bytes((*ip).dst_addr);
         let old_ttl_proto = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
         let new_ttl_proto = u16::from_ne_bytes([config.ttl, (*ip).proto]);
-        let addr_diff =
-            neg_words32(old_saddr) + neg_words32(old_daddr) + words32(new_saddr) + words32(new_daddr);
+        let addr_diff = neg_words32(old_saddr)
+            + neg_words32(old_daddr)
+            + words32(new_saddr)
+            + words32(new_daddr);
 
         let ip_check = u16::from_ne_bytes((*ip).check);
         let ip_diff = addr_diff + u64::from(!old_ttl_proto) + u64::from(new_ttl_proto);
