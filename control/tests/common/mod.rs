@@ -1,0 +1,186 @@
+//! A homerelay API server for tests: a user-space-only relay on a test-specific UDP port range
+//! on loopback, the channel service, and the gRPC server on 127.0.0.1:0.
+//!
+//! Each test owns a sub-range of UDP 42000–42999 (relay ports) and of 43000–43999 (peer
+//! sockets), so tests run in parallel. Waits are bounded by [`WAIT`]; nothing asserts on timing.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the helpers"
+)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control::allocator::{self, Allocator, Layout};
+use control::server::{self, Security};
+use control::service::{Dataplane, Service, ServiceOptions};
+use proto::v1 as pb;
+use proto::v1::channel_service_client::ChannelServiceClient;
+use relay_user::{Relay, RelayOptions};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Upper bound of every wait: generous, reached only when something is broken.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// What a test server is started with.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// Relay port range (a custom layout) and capacity.
+    pub first_port: u16,
+    pub last_port: u16,
+    pub capacity: u32,
+    pub upstream_kbps: Option<u32>,
+    pub media_timeout: Duration,
+    pub security: Security,
+    pub poll_interval: Duration,
+}
+
+impl Setup {
+    /// Every port pair of `first..=last` usable, no limits, default timeout.
+    pub fn new(first_port: u16, last_port: u16) -> Setup {
+        Setup {
+            first_port,
+            last_port,
+            capacity: u32::from(last_port - first_port + 1) / 2,
+            upstream_kbps: None,
+            media_timeout: Duration::from_secs(60),
+            security: Security::default(),
+            poll_interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// A running server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub service: Service,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::ServeError>>>,
+}
+
+impl TestServer {
+    pub async fn start(setup: Setup) -> TestServer {
+        let relay = Relay::start(RelayOptions {
+            port_min: setup.first_port,
+            port_max: setup.last_port,
+            workers: 1,
+            xdp: None,
+            require_xdp: false,
+        })
+        .expect("start the user-space relay");
+        let layout = Layout::custom(setup.first_port, setup.last_port, setup.capacity, 1)
+            .expect("a valid test layout");
+        let config = allocator::Config {
+            upstream_kbps: setup.upstream_kbps,
+            media_timeout: setup.media_timeout,
+            // Released ports are reusable at once: tests check them by binding.
+            quarantine: Duration::ZERO,
+            ..allocator::Config::new(layout, 7)
+        };
+        let allocator = Allocator::new(config, Instant::now()).expect("allocator");
+        let relay: Arc<dyn Dataplane> = Arc::new(relay);
+        let service = Service::start(
+            allocator,
+            relay,
+            ServiceOptions {
+                poll_interval: setup.poll_interval,
+                layout_name: "custom",
+                ..ServiceOptions::default()
+            },
+        );
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind the API on loopback");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(
+            listener,
+            service.clone(),
+            setup.security.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            addr,
+            url: format!("http://{addr}"),
+            service,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A client without credentials.
+    pub async fn client(&self) -> ChannelServiceClient<Channel> {
+        within(ChannelServiceClient::connect(self.url.clone()))
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Stops the server and releases every channel.
+    pub async fn stop(mut self) {
+        self.service.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            within(task)
+                .await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+}
+
+/// Awaits `f`, failing the test after [`WAIT`].
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .expect("timed out: something is stuck")
+}
+
+/// An Allocate request for `call_id` of `kind`, legs learnt from traffic.
+pub fn allocate_request(call_id: &str, kind: pb::ChannelKind) -> pb::AllocateRequest {
+    pb::AllocateRequest {
+        call_leg: Some(pb::CallLeg {
+            call_id: call_id.into(),
+            leg_tag: "tag".into(),
+        }),
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+/// A reference to the channel on `port`.
+pub fn by_port(port: u32) -> Option<pb::ChannelRef> {
+    Some(pb::ChannelRef {
+        target: Some(pb::channel_ref::Target::Port(port)),
+    })
+}
+
+/// Whether a UDP socket can bind `port` on 127.0.0.1 (the relay binds the wildcard address
+/// without SO_REUSEADDR, so a bound relay port makes this fail).
+pub fn udp_port_free(port: u16) -> bool {
+    UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+/// A peer socket on 127.0.0.1:`port` with a read timeout.
+pub fn peer(port: u16) -> UdpSocket {
+    let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, port))
+        .unwrap_or_else(|e| panic!("bind peer {port}: {e}"));
+    s.set_read_timeout(Some(WAIT)).expect("read timeout");
+    s
+}
+
+/// Receives one datagram (within [`WAIT`]).
+pub fn recv(s: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 2048];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .expect("a datagram within the timeout");
+    (buf[..n].to_vec(), from)
+}

@@ -1,0 +1,187 @@
+//! The channel service over the real XDP fast path (generic mode) in the namespace testbed: a
+//! home device whose address the relay learns, an office phone given strictly. The watch stream
+//! must report the latch and the move to the fast path, and the final counters must include
+//! what XDP forwarded. Needs root (BPF, XDP, network namespaces) and fails loudly without it.
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::within;
+use control::allocator::{Allocator, Config, Kind, Layout, Request};
+use control::service::{
+    ChannelSpec, ChannelState, EventKind, LegSpec, Service, ServiceOptions, Watcher,
+};
+use relay_common::LEG_A;
+use relay_user::forward::Component;
+use relay_user::netns::{self, Host, Testbed, TestbedOptions};
+use relay_user::xdp::{XdpMode, XdpOptions};
+use relay_user::{Relay, RelayOptions};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, XDP, network namespaces); run the README's test command as root"
+    );
+}
+
+/// Removes the bpffs pin directory on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn next_event(w: &mut Watcher) -> control::service::Event {
+    within(w.next())
+        .await
+        .expect("the stream is open")
+        .expect("no lag")
+}
+
+/// Sends `n` datagrams from `from` to `to` and receives them at `at`, checking the source.
+async fn relay_through(
+    from: &UdpSocket,
+    to: SocketAddr,
+    at: &UdpSocket,
+    expect_from: SocketAddr,
+    n: u32,
+) {
+    let (from, at) = (
+        from.try_clone().expect("clone"),
+        at.try_clone().expect("clone"),
+    );
+    within(tokio::task::spawn_blocking(move || {
+        at.set_read_timeout(Some(common::WAIT)).expect("timeout");
+        let mut buf = [0u8; 256];
+        for i in 0..n {
+            from.send_to(&i.to_be_bytes(), to).expect("send");
+            let (len, src) = at.recv_from(&mut buf).expect("relayed within the timeout");
+            assert_eq!((&buf[..len], src), (&i.to_be_bytes()[..], expect_from));
+        }
+    }))
+    .await
+    .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_so() {
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let pin = PinDir(format!("/sys/fs/bpf/homerelay-control-test-{}", std::process::id()).into());
+    let pin_dir = pin.0.clone();
+    // The relay's sockets and XDP attachments live in the relay namespace.
+    let relay = tb.run_in(Host::Relay, move || {
+        Relay::start(RelayOptions {
+            port_min: 30528,
+            port_max: 30547,
+            workers: 1,
+            xdp: Some(XdpOptions {
+                interfaces: vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()],
+                mode: XdpMode::Generic,
+                pin_dir: Some(pin_dir),
+            }),
+            require_xdp: true,
+        })
+        .expect("the relay with its fast path")
+    });
+    let relay = Arc::new(relay);
+    let layout = Layout::custom(30528, 30547, 10, 1).expect("layout");
+    let allocator = Allocator::new(Config::new(layout, 3), Instant::now()).expect("allocator");
+    let service = Service::start(
+        allocator,
+        relay.clone(),
+        ServiceOptions {
+            relay_addresses: [Some(netns::RELAY_HOME_ADDR), Some(netns::RELAY_OFFICE_ADDR)],
+            poll_interval: Duration::from_millis(20),
+            ..ServiceOptions::default()
+        },
+    );
+    assert_eq!(service.pool().await.data_path, "xdp");
+    let mut watcher = service.watch();
+
+    let home_addr: SocketAddr = (netns::HOME_ADDR, 5004).into();
+    let office_addr: SocketAddr = (netns::OFFICE_ADDR, 6000).into();
+    let home = tb.run_in(Host::Home, move || {
+        UdpSocket::bind(home_addr).expect("bind home")
+    });
+    let office = tb.run_in(Host::Office, move || {
+        UdpSocket::bind(office_addr).expect("bind office")
+    });
+
+    let spec = ChannelSpec {
+        legs: [
+            LegSpec::default(),
+            LegSpec {
+                rtp: Some(office_addr),
+                strict: true,
+                ..LegSpec::default()
+            },
+        ],
+        ..ChannelSpec::default()
+    };
+    let (view, created) = service
+        .allocate(Request::new("fast-call", "t", Kind::SystemDevice), spec)
+        .await
+        .expect("allocate");
+    assert!(created);
+    assert_eq!(view.state, ChannelState::Waiting);
+    let port = view.port();
+    assert_eq!(next_event(&mut watcher).await.kind, EventKind::Allocated);
+
+    let relay_home: SocketAddr = (netns::RELAY_HOME_ADDR, port).into();
+    let relay_office: SocketAddr = (netns::RELAY_OFFICE_ADDR, port).into();
+    // The first packet latches the home leg in user space; the rest may take the fast path.
+    relay_through(&home, relay_home, &office, relay_office, 5).await;
+
+    let latched = next_event(&mut watcher).await;
+    assert_eq!(
+        latched.kind,
+        EventKind::Latched {
+            leg: LEG_A,
+            component: Component::Rtp,
+            source: home_addr,
+        }
+    );
+    let fast = next_event(&mut watcher).await;
+    assert_eq!(fast.kind, EventKind::FastPath, "{fast:?}");
+    assert_eq!(fast.channel.state, ChannelState::FastPath);
+
+    relay_through(&office, relay_office, &home, relay_home, 50).await;
+    let xdp = relay.xdp().expect("fast path running");
+    let forwarded: u64 = xdp
+        .counters()
+        .expect("counters")
+        .iter()
+        .filter(|(c, _)| c.is_forwarded())
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        forwarded >= 50,
+        "the fast path forwarded {forwarded} packets"
+    );
+
+    let (released, _) = service
+        .release(control::service::ChannelRef::Port(port))
+        .await
+        .expect("release");
+    let stats = released.stats.from_leg;
+    assert_eq!(
+        (stats[0].packets, stats[1].packets),
+        (5, 50),
+        "both paths counted"
+    );
+    assert_eq!(next_event(&mut watcher).await.kind, EventKind::Released);
+
+    service.shutdown().await;
+    drop(service);
+    let relay = Arc::try_unwrap(relay).expect("the service let go of the relay");
+    drop(relay);
+    drop(pin);
+    drop(tb);
+}
