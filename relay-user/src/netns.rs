@@ -291,8 +291,8 @@ impl Testbed {
             self.ip(
                 near.host,
                 &[
-                    "link", "add", near.iface, "address", &near_mac, "type", "veth", "peer",
-                    "name", far.iface, "address", &far_mac, "netns", &far_ns,
+                    "link", "add", "name", near.iface, "address", &near_mac, "type", "veth",
+                    "peer", "name", far.iface, "address", &far_mac, "netns", &far_ns,
                 ],
             )?;
             for (end, other) in [(near, far), (far, near)] {

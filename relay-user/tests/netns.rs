@@ -1,6 +1,10 @@
 //! End-to-end checks of the namespace testbed: kernel forwarding through Relay, the NAT's port
 //! rewriting, the settings the XDP path relies on, and cleanup. Needs root: without it these
 //! tests fail (they are not skipped).
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: an unwrap failing is the test failing"
+)]
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
