@@ -17,3 +17,4 @@ pub mod run;
 pub mod scenario;
 pub mod sender;
 pub mod suite;
+pub mod xdp_cost;

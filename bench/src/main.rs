@@ -30,6 +30,16 @@ enum Cmd {
     /// Every mode on a fresh testbed each: flat-out flood, fixed-rate CPU run, call-count
     /// search. Writes JSON with every run and regenerates a Markdown table section.
     Suite(SuiteArgs),
+    /// The XDP program's own cost per packet with BPF_PROG_TEST_RUN (forward, no channel,
+    /// floor); prints JSON.
+    XdpCost {
+        /// Program runs per sample (in the kernel).
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+        /// Samples; the median is reported.
+        #[arg(long, default_value_t = 7)]
+        samples: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +225,11 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run(a) => run_one(a),
         Cmd::Suite(a) => run_suite(a),
+        Cmd::XdpCost { repeat, samples } => {
+            let cost = bench::xdp_cost::measure(repeat, samples.max(1))?;
+            println!("{}", serde_json::to_string_pretty(&cost)?);
+            Ok(())
+        }
     }
 }
 

@@ -13,11 +13,15 @@
 use core::mem::size_of;
 
 /// Name of the channel table (`HashMap<ChannelKey, Channel>`), written by user space only.
+/// A hash map, not an array: the kernel replaces a hash value atomically (RCU), so the
+/// program never sees half of an update.
 pub const CHANNELS_MAP: &str = "HR_CHANNELS";
-/// Name of the per-channel statistics (`HashMap<ChannelKey, ChannelStats>`), written by the
-/// XDP program only. Kept apart from [`CHANNELS_MAP`] so each map value has exactly one writer:
-/// user space can rewrite a channel (latching, update) without losing counter increments.
-pub const CHANNEL_STATS_MAP: &str = "HR_CHAN_STATS";
+/// Name of the per-channel fast-path state (`Array<ChannelState>` indexed by
+/// [`channel_index`]): counters and
+/// the next-hop cache, written by the XDP program only (user space zeroes an entry when it
+/// installs a new channel there). Kept apart from [`CHANNELS_MAP`] so each map value has one
+/// writer: user space can rewrite a channel (latching, update) without losing increments.
+pub const CHANNEL_STATS_MAP: &str = "HR_CHAN_STATE";
 /// Name of the global per-CPU counters (`PerCpuArray<u64>`, indexed by [`Counter`]).
 pub const COUNTERS_MAP: &str = "HR_COUNTERS";
 /// Name of the one-entry configuration array (`Array<RelayConfig>`).
@@ -27,10 +31,17 @@ pub const EGRESS_MAP: &str = "HR_EGRESS";
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "homerelay_xdp";
 
-/// Capacity of [`CHANNELS_MAP`] and [`CHANNEL_STATS_MAP`]: one entry per even relay port is
-/// the most a 16-bit port space can need (32,768), with room for channels whose legs use
-/// separate port pairs (each such leg adds a key).
-pub const MAX_CHANNELS: u32 = 65_536;
+/// Capacity of [`CHANNELS_MAP`] and [`CHANNEL_STATS_MAP`]: one entry per even UDP port.
+///
+/// The state table is an array because the verifier inlines array lookups: the fast path pays
+/// a bounds check and an add instead of a hash-table helper call for every packet.
+pub const MAX_CHANNELS: u32 = 32_768;
+
+/// The table index of the channel owning relay port `port` (RTP or RTCP): `port / 2`.
+#[inline(always)]
+pub const fn channel_index(port: u16) -> u32 {
+    (port >> 1) as u32
+}
 /// Capacity of [`EGRESS_MAP`]: interfaces the fast path may redirect to.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
 
@@ -251,7 +262,9 @@ pub struct DirectionStats {
     pub packets: u64,
     /// UDP payload bytes.
     pub bytes: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds of the last packet (`bpf_ktime_get_ns` clock); 0 = never.
+    /// `CLOCK_MONOTONIC` nanoseconds of the last packet; 0 = never. The fast path writes the
+    /// coarse variant (`bpf_ktime_get_coarse_ns`: the same clock as of the last scheduler
+    /// tick), so its values may trail the user-space path's by up to one tick.
     pub last_seen_ns: u64,
 }
 
@@ -261,6 +274,34 @@ pub struct DirectionStats {
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct ChannelStats {
     pub from_leg: [DirectionStats; 2],
+}
+
+/// A cached `bpf_fib_lookup` result for one direction of a channel.
+///
+/// Valid while `generation` equals [`RelayConfig::fib_generation`] and the addresses match the
+/// packet being sent; user space bumps the generation periodically (and the cache then refills
+/// from the FIB on the next packet), so a changed route or neighbour is picked up within one
+/// period. Only results whose egress passed the checks are cached.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct NextHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// Source and destination IPv4 addresses (raw, network order) the lookup was made for.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// [`RelayConfig::fib_generation`] at lookup time; 0 = empty.
+    pub generation: u32,
+}
+
+/// The fast path's state of one channel (a [`CHANNEL_STATS_MAP`] value).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct ChannelState {
+    pub stats: ChannelStats,
+    /// Next hop for packets *to* leg A (index [`LEG_A`]) and to leg B.
+    pub nexthop: [NextHop; 2],
 }
 
 /// The data plane's configuration (one entry of [`CONFIG_MAP`]). Until user space writes it,
@@ -276,6 +317,8 @@ pub struct RelayConfig {
     pub ttl: u8,
     /// Must be zero.
     pub reserved: [u8; 3],
+    /// Bumped by user space to invalidate every cached [`NextHop`]; never 0 once written.
+    pub fib_generation: u32,
 }
 
 /// Default TTL of relayed packets, the Linux default for sockets (`net.ipv4.ip_default_ttl`).
@@ -391,7 +434,9 @@ const _: () = assert!(size_of::<Channel>() == 136);
 const _: () = assert!(size_of::<ChannelKey>() == 4);
 const _: () = assert!(size_of::<DirectionStats>() == 24);
 const _: () = assert!(size_of::<ChannelStats>() == 48);
-const _: () = assert!(size_of::<RelayConfig>() == 8);
+const _: () = assert!(size_of::<NextHop>() == 28);
+const _: () = assert!(size_of::<ChannelState>() == 104);
+const _: () = assert!(size_of::<RelayConfig>() == 12);
 
 #[cfg(feature = "user")]
 mod user;

@@ -4,8 +4,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    Addr16, Be16, Channel, ChannelKey, ChannelStats, DirectionStats, ENDPOINT_LATCHED, Endpoint,
-    Leg, RelayConfig,
+    Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DirectionStats, ENDPOINT_LATCHED, Endpoint,
+    Leg, NextHop, RelayConfig,
 };
 
 // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, has no implicit
@@ -13,6 +13,10 @@ use crate::{
 unsafe impl aya::Pod for ChannelKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Channel {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ChannelState {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NextHop {}
 // SAFETY: as above.
 unsafe impl aya::Pod for ChannelStats {}
 // SAFETY: as above.
@@ -102,6 +106,7 @@ impl RelayConfig {
             port_max: Be16::new(port_max),
             ttl: crate::DEFAULT_TTL,
             reserved: [0; 3],
+            fib_generation: 1,
         }
     }
 }
@@ -172,8 +177,10 @@ mod tests {
         assert_eq!(&b[56..58], &[0x77, 0x40]);
         // leg B ifindex (host order, as the kernel's bpf_fib_lookup uses it).
         assert_eq!(&b[64 + 60..64 + 64], &7u32.to_ne_bytes());
-        let key = ChannelKey::for_port(30529);
-        assert_eq!(as_bytes(&key), &[0x77, 0x40, 0, 0]);
+        assert_eq!(as_bytes(&ChannelKey::for_port(30529)), &[0x77, 0x40, 0, 0]);
+        assert_eq!(crate::channel_index(30529), crate::channel_index(30528));
+        assert_eq!(crate::channel_index(30528), 15264);
+        assert!(crate::channel_index(u16::MAX) < crate::MAX_CHANNELS);
     }
 
     #[test]

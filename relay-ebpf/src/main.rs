@@ -24,24 +24,24 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-        bpf_fib_lookup as FibParams, xdp_action,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use relay_common::{
-    CHANNEL_USERSPACE_ONLY, COUNTER_COUNT, Channel, ChannelKey, ChannelStats, Counter, Endpoint,
-    Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, RelayConfig,
+    CHANNEL_USERSPACE_ONLY, COUNTER_COUNT, Channel, ChannelKey, ChannelState, Counter, Endpoint,
+    Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, NextHop, RelayConfig, channel_index,
 };
 
 #[map]
 static HR_CHANNELS: HashMap<ChannelKey, Channel> = HashMap::pinned(MAX_CHANNELS, 0);
 #[map]
-static HR_CHAN_STATS: HashMap<ChannelKey, ChannelStats> = HashMap::pinned(MAX_CHANNELS, 0);
+static HR_CHAN_STATE: Array<ChannelState> = Array::pinned(MAX_CHANNELS, 0);
 #[map]
 static HR_CONFIG: Array<RelayConfig> = Array::pinned(1, 0);
 #[map]
@@ -163,6 +163,7 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if frags & IP_MF_AND_OFFSET != 0 {
         return Err(Counter::PassFragment);
     }
+    let tot_len_raw = tot_len;
     let tot_len = u16::from_be_bytes(tot_len);
     let udp: *mut UdpHdr = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
     // SAFETY: `ptr_at` checked that the 8-byte UDP header lies inside the packet.
@@ -221,40 +222,33 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let new_sport = (to_leg.local_port.get().wrapping_add(u16::from(rtcp))).to_be();
     let new_dport = to.port.raw();
 
-    // Next hop and egress from the kernel's routing and neighbour tables.
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input; the fields are set below.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = new_sport;
-    fib.dport = new_dport;
-    fib.__bindgen_anon_1.tot_len = tot_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: inside the checked IPv4 header.
-    fib.__bindgen_anon_2.tos = unsafe { (*ip).tos };
-    fib.__bindgen_anon_3.ipv4_src = new_saddr;
-    fib.__bindgen_anon_4.ipv4_dst = new_daddr;
-    // SAFETY: `ctx.ctx` is this program's context and `fib` a live, correctly sized struct.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassNoNeighbour),
-        _ => return Err(Counter::PassFibFailed),
-    }
-    let out_if = fib.ifindex;
+    let tos = unsafe { (*ip).tos };
+    let state = HR_CHAN_STATE
+        .get_ptr_mut(channel_index(dport))
+        .ok_or(Counter::PassNoChannel)?;
+    let hop = Route {
+        saddr: new_saddr,
+        daddr: new_daddr,
+        sport: new_sport,
+        dport: new_dport,
+        tot_len: tot_len_raw,
+        tos,
+    };
+    // SAFETY: `state` comes from a successful array lookup and is valid for this run; the
+    // direction index is 0 or 1.
+    let cache = unsafe { &raw mut (*state).nexthop[(1 - from) & 1] };
+    let (dmac, smac, out_if) = next_hop(ctx, cache, config.fib_generation, &hop)?;
     if to_leg.ifindex != 0 && to_leg.ifindex != out_if {
         return Err(Counter::PassEgressUnavailable);
     }
     let same_if = out_if == ctx.ingress_ifindex() as u32;
-    if !same_if && HR_EGRESS.get_ifindex(out_if).is_none() {
-        return Err(Counter::PassEgressUnavailable);
-    }
 
     // Rewrite. From here on the packet is committed to the fast path.
     // SAFETY: all three headers were bounds-checked above; the packet is not shared.
     unsafe {
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
 
         let old_saddr = saddr;
         let old_daddr = u32::from_ne_bytes((*ip).dst_addr);
@@ -288,7 +282,7 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         (*udp).dst = new_dport.to_ne_bytes();
     }
 
-    account(key, from, u64::from(udp_len) - UdpHdr::LEN as u64);
+    account(state, from, u64::from(udp_len) - UdpHdr::LEN as u64);
 
     if same_if {
         return Ok((xdp_action::XDP_TX, Counter::Tx));
@@ -302,23 +296,82 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     }
 }
 
+/// What a FIB lookup needs to know about the rewritten packet.
+struct Route {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    tot_len: [u8; 2],
+    tos: u8,
+}
+
+/// Next-hop MACs and egress interface for `route`: from the channel's cache when it is of the
+/// current generation and for the same addresses, else from `bpf_fib_lookup`. Only lookups
+/// whose egress interface is in the egress map are cached.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    cache: *mut NextHop,
+    generation: u32,
+    route: &Route,
+) -> Result<([u8; 6], [u8; 6], u32), Counter> {
+    // SAFETY: `cache` points into a live array value (see the caller).
+    let c = unsafe { &*cache };
+    if generation != 0
+        && c.generation == generation
+        && c.daddr == route.daddr
+        && c.saddr == route.saddr
+    {
+        return Ok((c.dmac, c.smac, c.ifindex));
+    }
+    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input; the fields are set below.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = route.sport;
+    fib.dport = route.dport;
+    fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(route.tot_len);
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_2.tos = route.tos;
+    fib.__bindgen_anon_3.ipv4_src = route.saddr;
+    fib.__bindgen_anon_4.ipv4_dst = route.daddr;
+    // SAFETY: `ctx.ctx` is this program's context and `fib` a live, correctly sized struct.
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassNoNeighbour),
+        _ => return Err(Counter::PassFibFailed),
+    }
+    if HR_EGRESS.get_ifindex(fib.ifindex).is_none() {
+        return Err(Counter::PassEgressUnavailable);
+    }
+    // SAFETY: as above. Two CPUs may fill the same entry at once; they write the same values
+    // unless the neighbour changed in between, and the generation is written last (volatile,
+    // and x86 keeps stores in order), so a reader that sees it current sees the rest filled.
+    unsafe {
+        (*cache).dmac = fib.dmac;
+        (*cache).smac = fib.smac;
+        (*cache).ifindex = fib.ifindex;
+        (*cache).saddr = route.saddr;
+        (*cache).daddr = route.daddr;
+        core::ptr::write_volatile(&raw mut (*cache).generation, generation);
+    }
+    Ok((fib.dmac, fib.smac, fib.ifindex))
+}
+
 /// Per-channel counters for the direction out of leg `from`.
 #[inline(always)]
-fn account(key: ChannelKey, from: usize, payload: u64) {
-    let mut stats = HR_CHAN_STATS.get_ptr_mut(key);
-    if stats.is_none() {
-        // User space creates the entry on install; this covers a race with that.
-        let _ = HR_CHAN_STATS.insert(key, ChannelStats::default(), u64::from(BPF_NOEXIST));
-        stats = HR_CHAN_STATS.get_ptr_mut(key);
-    }
-    let Some(stats) = stats else { return };
-    // SAFETY: the pointer comes from a successful map lookup and is valid for this run; the
+fn account(state: *mut ChannelState, from: usize, payload: u64) {
+    // SAFETY: `state` comes from a successful array lookup and is valid for this run; the
     // counters are shared between CPUs, hence atomic adds (BPF_ATOMIC).
     unsafe {
-        let dir = &raw mut (*stats).from_leg[from & 1];
+        let dir = &raw mut (*state).stats.from_leg[from & 1];
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).bytes, payload);
-        (*dir).last_seen_ns = bpf_ktime_get_ns();
+        // The coarse clock (the last tick of CLOCK_MONOTONIC) costs a fraction of
+        // bpf_ktime_get_ns and is plenty for idle detection.
+        (*dir).last_seen_ns = bpf_ktime_get_coarse_ns();
     }
 }
 

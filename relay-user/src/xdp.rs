@@ -17,8 +17,8 @@ use aya::{
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use relay_common::{
-    CHANNEL_STATS_MAP, CHANNELS_MAP, CONFIG_MAP, COUNTERS_MAP, Channel, ChannelKey, ChannelStats,
-    Counter, EGRESS_MAP, RelayConfig, XDP_PROGRAM,
+    CHANNEL_STATS_MAP, CHANNELS_MAP, CONFIG_MAP, COUNTERS_MAP, Channel, ChannelKey, ChannelState,
+    ChannelStats, Counter, EGRESS_MAP, RelayConfig, XDP_PROGRAM, channel_index,
 };
 
 use crate::datapath::{DataPath, DataPathError};
@@ -98,13 +98,59 @@ pub struct Attachment {
 
 struct Maps {
     channels: HashMap<MapData, ChannelKey, Channel>,
-    stats: HashMap<MapData, ChannelKey, ChannelStats>,
+    state: Array<MapData, ChannelState>,
+}
+
+/// How often cached next hops are invalidated (the program then asks the FIB again on the
+/// next packet of each direction): the longest a changed route or neighbour MAC can be
+/// ignored by the fast path.
+pub const FIB_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Bumps the configuration's FIB generation every [`FIB_REFRESH`] until dropped.
+struct FibRefresher {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FibRefresher {
+    fn start(
+        mut config: Array<MapData, RelayConfig>,
+        mut current: RelayConfig,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hr-fib-refresh".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(FIB_REFRESH)
+                {
+                    current.fib_generation = current.fib_generation.wrapping_add(1).max(1);
+                    if let Err(e) = config.set(0, current, 0) {
+                        log::warn!("cannot refresh the fast path's next hops: {e}");
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FibRefresher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The loaded and attached XDP program with its maps.
 pub struct XdpDataPath {
     maps: Mutex<Maps>,
     counters: PerCpuArray<MapData, u64>,
+    _fib_refresher: FibRefresher,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
     port_min: u16,
@@ -219,13 +265,16 @@ impl XdpDataPath {
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
         };
         let channels = HashMap::try_from(take(&mut ebpf, CHANNELS_MAP)?)?;
-        let stats = HashMap::try_from(take(&mut ebpf, CHANNEL_STATS_MAP)?)?;
+        let state = Array::try_from(take(&mut ebpf, CHANNEL_STATS_MAP)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?;
         let mut config: Array<MapData, RelayConfig> =
             Array::try_from(take(&mut ebpf, CONFIG_MAP)?)?;
+        let relay_config = RelayConfig::new(port_min, port_max);
         config
-            .set(0, RelayConfig::new(port_min, port_max), 0)
+            .set(0, relay_config, 0)
             .context("writing the relay configuration map")?;
+        let fib_refresher =
+            FibRefresher::start(config, relay_config).context("starting the next-hop refresher")?;
         let mut egress: DevMapHash<MapData> = DevMapHash::try_from(take(&mut ebpf, EGRESS_MAP)?)?;
         for &idx in &ifindexes {
             egress
@@ -250,8 +299,9 @@ impl XdpDataPath {
             });
         }
         Ok(Self {
-            maps: Mutex::new(Maps { channels, stats }),
+            maps: Mutex::new(Maps { channels, state }),
             counters,
+            _fib_refresher: fib_refresher,
             attachments,
             pin_dir,
             port_min,
@@ -494,10 +544,11 @@ impl DataPath for XdpDataPath {
         self.check_port(port)?;
         let key = ChannelKey::for_port(port);
         let mut maps = self.lock();
-        // Stats first (kept if present), so the program never has to create the entry.
-        if maps.stats.get(&key, 0).is_err() {
-            maps.stats
-                .insert(key, ChannelStats::default(), 0)
+        // A new channel starts with fresh counters and an empty next-hop cache; a replaced one
+        // keeps them (the cache revalidates against the new addresses by itself).
+        if maps.channels.get(&key, 0).is_err() {
+            maps.state
+                .set(channel_index(port), ChannelState::default(), 0)
                 .map_err(|source| DataPathError::Map {
                     map: CHANNEL_STATS_MAP,
                     source,
@@ -518,7 +569,6 @@ impl DataPath for XdpDataPath {
         maps.channels
             .remove(&key)
             .map_err(|_| DataPathError::NotFound(port))?;
-        let _ = maps.stats.remove(&key);
         Ok(())
     }
 
@@ -537,7 +587,13 @@ impl DataPath for XdpDataPath {
         if maps.channels.get(&key, 0).is_err() {
             return Err(DataPathError::NotFound(port));
         }
-        Ok(maps.stats.get(&key, 0).unwrap_or_default())
+        maps.state
+            .get(&channel_index(port), 0)
+            .map(|s| s.stats)
+            .map_err(|source| DataPathError::Map {
+                map: CHANNEL_STATS_MAP,
+                source,
+            })
     }
 }
 

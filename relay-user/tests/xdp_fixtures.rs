@@ -648,3 +648,64 @@ fn redirect_to_an_interface_outside_the_egress_map_is_passed_up() {
         xdp.unpin_and_close().unwrap();
     });
 }
+
+#[test]
+fn cached_next_hops_follow_a_changed_neighbour() {
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let pin = PinDir::new("nexthop");
+    let pin_path = pin.0.clone();
+    let tb = std::sync::Arc::new(tb);
+    let tb2 = tb.clone();
+    tb.run_in(Host::Relay, move || {
+        let opts = XdpOptions {
+            interfaces: vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()],
+            mode: XdpMode::Generic,
+            pin_dir: Some(pin_path),
+        };
+        let xdp = XdpDataPath::load(&opts, PORT_MIN, PORT_MAX).unwrap();
+        let (port, ch) = channels().remove(0);
+        xdp.install(port, &ch).unwrap();
+        let frame = a_to_b_frame(&rtp(1, 1));
+        let dmac = |xdp: &XdpDataPath| {
+            let (action, out) = xdp.test_run(&frame, ifindex(netns::RELAY_IF_HOME)).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            <[u8; 6]>::try_from(&out[..6]).unwrap()
+        };
+        let office = netns::LINKS
+            .iter()
+            .find(|l| l.near.iface == netns::RELAY_IF_OFFICE)
+            .unwrap();
+        assert_eq!(dmac(&xdp), office.far.mac);
+        // The office phone is replaced: same address, new MAC.
+        tb2.exec(
+            Host::Relay,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                "192.0.2.10",
+                "lladdr",
+                "02:00:00:00:02:99",
+                "dev",
+                netns::RELAY_IF_OFFICE,
+                "nud",
+                "permanent",
+            ],
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + 4 * relay_user::xdp::FIB_REFRESH;
+        loop {
+            if dmac(&xdp) == [2, 0, 0, 0, 2, 0x99] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fast path still sends to the old MAC after {:?}",
+                4 * relay_user::xdp::FIB_REFRESH
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        xdp.unpin_and_close().unwrap();
+    });
+}
