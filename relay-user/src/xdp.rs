@@ -387,38 +387,6 @@ impl XdpDataPath {
         Ok((result.return_value, out, result.duration))
     }
 
-    /// Runs the program `repeat` times on `frame` in the kernel's live-frames mode
-    /// (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run starts from the original frame and its verdict
-    /// is carried out for real (`XDP_TX` / `XDP_REDIRECT` transmit). Returns the mean time per
-    /// frame, redirect included: the fast path's cost per packet, without any traffic
-    /// generator in the measurement. Frames go where the channel says: use a testbed.
-    pub fn test_run_live(
-        &self,
-        frame: &[u8],
-        ingress_ifindex: u32,
-        repeat: u32,
-    ) -> anyhow::Result<std::time::Duration> {
-        use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
-        let len = u32::try_from(frame.len()).context("frame too large")?;
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&len.to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing"))?
-            .try_into()?;
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = repeat.max(1);
-        opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
-        let result = program
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN (live frames)")?;
-        Ok(result.duration)
-    }
-
     /// Detaches the program and removes the pinned maps (the relay's state is gone for good).
     pub fn unpin_and_close(self) -> anyhow::Result<()> {
         let dir = self.pin_dir.clone();
