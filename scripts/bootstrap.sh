@@ -9,6 +9,7 @@
 #   - bpf-linker 0.13.0, built against LLVM 22, into $HOMERELAY_TOOLS/bin.
 #   - a rustup toolchain `homerelay-bpf` linked to Debian's compiler, used by relay-user's build.rs.
 #   - protoc, bpftool, iproute2, ethtool, nftables and the test peers (tshark, socat...).
+#   - promtool (from Debian's prometheus package, without its server) for the metrics tests.
 set -euo pipefail
 
 TOOLS="${HOMERELAY_TOOLS:-/opt/homerelay-tools}"
@@ -89,5 +90,23 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   chmod +x "$GRPCURL_BIN"
   ln -sfn "$GRPCURL_BIN" /usr/local/bin/grpcurl
 fi
+
+# promtool, for the metrics tests (control/tests/metrics.rs: `promtool check metrics|config|rules`,
+# `promtool test rules`). Taken out of Debian's prometheus package rather than installing it:
+# the package's postinst starts and enables a Prometheus server (invoke-rc.d / systemd), which a
+# relay host or CI must not get as a side effect. promtool is one binary linked only to libc.
+PROMTOOL="$TOOLS/bin/promtool"
+if ! "$PROMTOOL" --version >/dev/null 2>&1; then
+  log "installing promtool (from Debian's prometheus package, without the server)"
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null); then
+    apt-get update -qq
+    (cd "$tmp" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 755 "$tmp/usr/bin/promtool" "$PROMTOOL"
+  rm -rf "$tmp"
+fi
+ln -sfn "$PROMTOOL" /usr/local/bin/promtool
 
 log "ready (tools in $TOOLS)"

@@ -36,8 +36,12 @@ impl ChannelService for Api {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let (request, spec) = convert::allocate_from_pb(request.get_ref())?;
-        let (view, created) = self.service.allocate(request, spec).await?;
+        let result = match convert::allocate_from_pb(request.get_ref()) {
+            Ok((request, spec)) => self.service.allocate(request, spec).await,
+            Err(e) => Err(e),
+        };
+        self.service.metrics().allocation(&result);
+        let (view, created) = result?;
         Ok(Response::new(pb::AllocateResponse {
             channel: Some(convert::channel_to_pb(&view)),
             created,

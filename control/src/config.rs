@@ -59,6 +59,8 @@ pub struct Config {
     pub api: ApiSection,
     /// The event stream.
     pub events: EventsSection,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSection,
 }
 
 /// Built-in port layouts, or a custom range.
@@ -215,6 +217,26 @@ impl Default for EventsSection {
     }
 }
 
+/// `[metrics]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Serve Prometheus metrics at `http://LISTEN/metrics`.
+    pub enabled: bool,
+    /// Address and port of the metrics endpoint. It is read-only and unauthenticated: counts
+    /// only, no call or device details.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            enabled: true,
+            listen: crate::metrics::DEFAULT_LISTEN,
+        }
+    }
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
@@ -274,6 +296,10 @@ pub struct Overrides {
     pub require_xdp: bool,
     pub listen: Option<SocketAddr>,
     pub token_file: Option<PathBuf>,
+    /// `--metrics-listen` (also turns metrics on).
+    pub metrics_listen: Option<SocketAddr>,
+    /// `--no-metrics` (a flag can only turn them off).
+    pub no_metrics: bool,
 }
 
 impl Config {
@@ -333,6 +359,13 @@ impl Config {
         if let Some(t) = o.token_file {
             self.api.token_file = Some(t);
         }
+        if let Some(l) = o.metrics_listen {
+            self.metrics.listen = l;
+            self.metrics.enabled = true;
+        }
+        if o.no_metrics {
+            self.metrics.enabled = false;
+        }
         self.validate()
     }
 
@@ -389,6 +422,18 @@ impl Config {
             return Err(ConfigError::new(
                 "events.buffer",
                 format!("{} is outside 16..=1000000", self.events.buffer),
+            ));
+        }
+        let (m, a) = (self.metrics.listen, self.api.listen);
+        // Port 0: the kernel picks a free port for each.
+        if self.metrics.enabled
+            && m.port() != 0
+            && m.port() == a.port()
+            && (m.ip() == a.ip() || m.ip().is_unspecified() || a.ip().is_unspecified())
+        {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                format!("{m} overlaps the API's address {a} (api.listen): use another port"),
             ));
         }
         Ok(())
@@ -589,6 +634,43 @@ mod tests {
         assert_eq!(c.api.listen, DEFAULT_LISTEN);
         assert_eq!(c.events.poll_interval, Duration::from_millis(250));
         assert!(c.xdp.interfaces.is_empty());
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.listen, crate::metrics::DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn metrics_can_move_or_be_switched_off() {
+        let c = Config::from_toml("[metrics]\nlisten = \"0.0.0.0:9100\"\n").expect("valid");
+        assert_eq!(c.metrics.listen.port(), 9100);
+        let c = Config::from_toml("[metrics]\nenabled = false\n").expect("valid");
+        assert!(!c.metrics.enabled);
+        let e = err("[metrics]\nlisten = \"0.0.0.0:4080\"\n");
+        assert_eq!(
+            e,
+            "metrics.listen: 0.0.0.0:4080 overlaps the API's address 127.0.0.1:4080 (api.listen): \
+             use another port"
+        );
+        Config::from_toml("[api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n")
+            .expect("port 0 twice: two ports the kernel picks");
+        // Off: its address does not matter.
+        Config::from_toml("[metrics]\nenabled = false\nlisten = \"127.0.0.1:4080\"\n")
+            .expect("valid");
+        let e = err("[metrics]\nport = 9100\n");
+        assert!(e.starts_with("metrics.port: unknown field `port`"), "{e}");
+        let mut c = Config::default();
+        c.apply(Overrides {
+            no_metrics: true,
+            ..Overrides::default()
+        })
+        .expect("valid");
+        assert!(!c.metrics.enabled);
+        c.apply(Overrides {
+            metrics_listen: Some("127.0.0.1:9500".parse().expect("addr")),
+            ..Overrides::default()
+        })
+        .expect("valid");
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.listen.port(), 9500);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! `homerelay`: the media relay daemon and its command-line client.
 //!
 //! `homerelay run` starts the relay and its gRPC API with the built-in default configuration
-//! (the 180-channel layout, UDP 30528–30887, user-space path, API on 127.0.0.1:4080) unless a
-//! config file (`--config`) or flags say otherwise; flags and `HOMERELAY_*` variables win over
-//! the file. `--xdp-iface` adds the XDP fast path. On SIGINT or SIGTERM it stops accepting
-//! requests, releases every channel from the data path and detaches XDP.
+//! (the 180-channel layout, UDP 30528–30887, user-space path, API on 127.0.0.1:4080, metrics on
+//! 127.0.0.1:9464) unless a config file (`--config`) or flags say otherwise; flags and
+//! `HOMERELAY_*` variables win over the file. `--xdp-iface` adds the XDP fast path. On SIGINT
+//! or SIGTERM it stops accepting requests, releases every channel from the data path and
+//! detaches XDP.
 //!
 //! `homerelay channels ...` and `homerelay pool` talk to a running daemon over the API.
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 use control::allocator::Allocator;
 use control::client::{ChannelsCommand, Connection};
 use control::config::{self, Config, LayoutName, Overrides};
+use control::metrics::{self, CounterSource, Exporter, Metrics};
 use control::server::{self, Security, TlsPem};
 use control::service::{Dataplane, Service, ServiceOptions};
 use relay_user::Relay;
@@ -49,6 +51,12 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// See the relay work on this machine (as root): a phone behind a NAT calls the office.
+    ///
+    /// Builds network namespaces (a phone behind a NAT router, the relay, an office phone),
+    /// starts the daemon with XDP, allocates channels over gRPC, streams RTP both ways with live
+    /// counters, then deletes everything it created.
+    Demo(control::demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +98,12 @@ struct RunArgs {
     /// File holding the bearer token API clients must send.
     #[arg(long, env = "HOMERELAY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Address of the Prometheus endpoint, http://ADDR/metrics (default 127.0.0.1:9464).
+    #[arg(long, env = "HOMERELAY_METRICS_LISTEN", conflicts_with = "no_metrics")]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not serve Prometheus metrics.
+    #[arg(long, env = "HOMERELAY_NO_METRICS")]
+    no_metrics: bool,
     /// Check the configuration, print it and exit.
     #[arg(long)]
     check_config: bool,
@@ -107,6 +121,8 @@ impl RunArgs {
             require_xdp: self.require_xdp,
             listen: self.listen,
             token_file: self.token_file.clone(),
+            metrics_listen: self.metrics_listen,
+            no_metrics: self.no_metrics,
         }
     }
 }
@@ -167,6 +183,19 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("binding the API on {} (api.listen)", config.api.listen))?;
+    let metrics_listener = match config.metrics.enabled {
+        false => None,
+        true => Some(
+            tokio::net::TcpListener::bind(config.metrics.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the metrics endpoint on {} (metrics.listen)",
+                        config.metrics.listen
+                    )
+                })?,
+        ),
+    };
 
     let (layout, layout_name) = config.layout()?;
     let relay = Arc::new(Relay::start(config.relay_options())?);
@@ -194,7 +223,7 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
     let allocator = Allocator::new(config.allocator_config(seed), Instant::now())
         .context("starting the channel allocator")?;
     let dataplane: Arc<dyn Dataplane> = relay.clone();
-    let service = Service::start(
+    let service = Service::start_with_metrics(
         allocator,
         dataplane,
         ServiceOptions {
@@ -203,7 +232,20 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
             event_buffer: config.events.buffer,
             layout_name: layout_name.name(),
         },
+        match metrics_listener {
+            Some(_) => Metrics::new(),
+            None => Metrics::disabled(),
+        },
     );
+    let metrics_server = metrics_listener.map(|listener| {
+        let source: Arc<dyn CounterSource> = relay.clone();
+        let exporter = Exporter::new(
+            service.clone(),
+            Some(Arc::downgrade(&source)),
+            !config.xdp.interfaces.is_empty(),
+        );
+        tokio::spawn(metrics::serve(listener, exporter, service.stopping()))
+    });
     let mut server = tokio::spawn(server::serve(
         listener,
         service.clone(),
@@ -228,6 +270,20 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
         Some(r) => r,
         None => server.await,
     };
+    // The metrics endpoint holds the service (and so the relay): it stops with the service,
+    // and is cut off if a scrape keeps it open.
+    if let Some(mut task) = metrics_server {
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(2), &mut task).await;
+        match stopped {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log::warn!("metrics endpoint: {e}"),
+            Ok(Err(e)) => log::warn!("metrics endpoint task: {e}"),
+            Err(_) => {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
     drop(service);
     // The last reference: dropping it stops user space and detaches XDP.
     match Arc::try_unwrap(relay) {
@@ -257,6 +313,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pool { connection } => {
             client_runtime()?.block_on(control::client::pool(&connection))
         }
+        Command::Demo(args) => control::demo::run(args),
     }
 }
 

@@ -49,6 +49,7 @@ use crate::allocator::{
 };
 use crate::clock::Clock;
 use crate::error::ServiceError;
+use crate::metrics::{Metrics, Release};
 
 /// What the channel service needs from the data plane: the [`DataPath`] it installs channels
 /// in, and a view of the XDP fast path for events. Implemented by [`Relay`]; tests may run a
@@ -396,6 +397,7 @@ struct Inner {
     /// Flips to true at shutdown: ends the timer task and every watch stream.
     stopping: watch::Sender<bool>,
     options: ServiceOptions,
+    metrics: Metrics,
 }
 
 /// The channel service. Cheap to clone; all clones share one allocator.
@@ -438,6 +440,16 @@ impl Service {
         relay: Arc<dyn Dataplane>,
         options: ServiceOptions,
     ) -> Service {
+        Service::start_with_metrics(allocator, relay, options, Metrics::disabled())
+    }
+
+    /// [`Service::start`], counting releases and events in `metrics` (see [`Service::metrics`]).
+    pub fn start_with_metrics(
+        allocator: Allocator,
+        relay: Arc<dyn Dataplane>,
+        options: ServiceOptions,
+        metrics: Metrics,
+    ) -> Service {
         for port in relay.inherited_ports() {
             match relay.remove(port) {
                 Ok(()) => log::info!(
@@ -460,6 +472,7 @@ impl Service {
             timers: Notify::new(),
             stopping,
             options,
+            metrics,
         });
         let task = tokio::spawn(Arc::clone(&inner).run_timers());
         Service {
@@ -511,9 +524,14 @@ impl Service {
                 fast: false,
             },
         );
+        // Wake the timer task only for a new earliest deadline: otherwise it wakes in time
+        // anyway, and each wake-up takes the lock again (a cost on every allocation).
+        let earliest = st.due.first() == Some(&(deadline, port));
         let view = inner.view(&st, port, clock)?;
         drop(st);
-        inner.timers.notify_one();
+        if earliest {
+            inner.timers.notify_one();
+        }
         inner.emit(EventKind::Allocated, view.clone());
         Ok((view, true))
     }
@@ -577,6 +595,7 @@ impl Service {
         let port = st.resolve(&target)?;
         let view = inner.release_locked(&mut st, port, clock)?;
         drop(st);
+        inner.metrics.released(Release::Requested);
         inner.emit(EventKind::Released, view.clone());
         Ok((view, clock.wall()))
     }
@@ -664,12 +683,18 @@ impl Service {
             match inner.release_locked(&mut st, port, clock) {
                 Ok(view) => {
                     released += 1;
+                    inner.metrics.released(Release::Shutdown);
                     inner.emit(EventKind::Released, view);
                 }
                 Err(e) => log::warn!("releasing channel {port} at shutdown: {e}"),
             }
         }
         released
+    }
+
+    /// The registry this service counts in (disabled unless started with one).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// A future that completes when [`Service::shutdown`] starts.
@@ -768,6 +793,7 @@ impl State {
 impl Inner {
     fn emit(&self, kind: EventKind, channel: ChannelView) {
         log::debug!("channel {} {}", channel.port(), kind.name());
+        self.metrics.event(&kind);
         let at = channel.clock.wall();
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(Event { kind, channel, at });
@@ -893,6 +919,7 @@ impl Inner {
                 }
             }
             st.forget(port);
+            self.metrics.released(Release::IdleTimeout);
             log::info!(
                 "channel {port} ({} {:?}) released after {:?} without media",
                 released.channel.kind,

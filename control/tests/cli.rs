@@ -193,6 +193,8 @@ async fn run_serves_and_shuts_down_on_sigterm() {
         "run",
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--ports",
         "42340-42359",
         "--workers",

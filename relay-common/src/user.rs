@@ -4,8 +4,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DirectionStats, ENDPOINT_LATCHED, Endpoint,
-    Leg, NextHop, RelayConfig,
+    Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DirectionStats,
+    ENDPOINT_LATCHED, Endpoint, Leg, NextHop, RelayConfig,
 };
 
 // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, has no implicit
