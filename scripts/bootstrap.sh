@@ -33,7 +33,8 @@ APT_PACKAGES=(
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+  # (Output captured first: with pipefail, `grep -q` closing the pipe early could fail it.)
+  if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != *"install ok installed"* ]]; then
     missing+=("$p")
   fi
 done
@@ -50,7 +51,7 @@ if ! command -v rustup >/dev/null 2>&1; then
 fi
 
 for c in clippy rustfmt; do
-  if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+  if ! grep -q "^$c" <<<"$(rustup component list --installed 2>/dev/null || true)"; then
     log "warning: rustup component $c is missing (rustup cannot download it here)"
   fi
 done
@@ -62,7 +63,7 @@ for b in rustc cargo rustdoc; do
   ln -sfn "/usr/bin/$b" "$DEB_TC/bin/$b"
 done
 ln -sfn /usr/lib "$DEB_TC/lib"
-if ! rustup toolchain list | grep -q "^$BPF_TOOLCHAIN"; then
+if ! grep -q "^$BPF_TOOLCHAIN" <<<"$(rustup toolchain list)"; then
   log "linking Debian's rustc as rustup toolchain $BPF_TOOLCHAIN"
   rustup toolchain link "$BPF_TOOLCHAIN" "$DEB_TC"
 fi
