@@ -172,7 +172,7 @@ impl Scenario {
                         Leg::new(relay_office.into(), b_rtp, b_rtcp),
                     ],
                     flags: 0,
-                    reserved: 0,
+                    ..Channel::default()
                 };
                 channels.push((relay_port, channel));
             }
@@ -192,7 +192,7 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relay_user::forward::{Decision, decide};
+    use relay_user::forward::{Decision, LatchState, decide};
 
     #[test]
     fn calls_make_two_flows_and_one_channel_each() {
@@ -205,7 +205,14 @@ mod tests {
         for (i, f) in s.flows.iter().enumerate() {
             let (port, mut ch) = s.channels[i / 2];
             assert_eq!(f.spec.dst.port(), port);
-            match decide(&mut ch, port, f.spec.src.into()) {
+            match decide(
+                &mut ch,
+                &mut LatchState::default(),
+                port,
+                f.spec.src.into(),
+                0,
+                |_| 0,
+            ) {
                 Decision::Forward {
                     from, to, latched, ..
                 } => {

@@ -276,6 +276,7 @@ pub async fn channels(c: &Connection, command: ChannelsCommand) -> anyhow::Resul
                         nanos: t.subsec_nanos() as i32,
                     }),
                     latching: None,
+                    clock_rate: 0,
                 })
                 .await
                 .map_err(call_error)?
@@ -452,7 +453,16 @@ fn leg_json(l: Option<&pb::Leg>) -> Value {
 
 fn direction_json(d: Option<&pb::DirectionStats>) -> Value {
     let d = d.cloned().unwrap_or_default();
-    json!({ "packets": d.packets, "bytes": d.bytes, "last_seen": time_text(d.last_seen.as_ref()) })
+    json!({
+        "packets": d.packets,
+        "bytes": d.bytes,
+        "last_seen": time_text(d.last_seen.as_ref()),
+        "rtp_packets": d.rtp_packets,
+        "lost": d.lost,
+        "reordered": d.reordered,
+        "jitter": d.jitter,
+        "jitter_ms": d.jitter_ms,
+    })
 }
 
 /// A channel as a JSON object (stable field names, enums as lowercase names).
@@ -654,10 +664,13 @@ fn print_channel(
         let d = d.unwrap_or_default();
         let _ = writeln!(
             out,
-            "{name}       {} packets, {} bytes, last {}",
+            "{name}       {} packets, {} bytes, last {}; RTP: {} lost, {} reordered, jitter {:.2} ms",
             d.packets,
             d.bytes,
-            time_text(d.last_seen.as_ref()).unwrap_or_else(|| "never".into())
+            time_text(d.last_seen.as_ref()).unwrap_or_else(|| "never".into()),
+            d.lost,
+            d.reordered,
+            d.jitter_ms
         );
     }
     if let Some(at) = released_at {

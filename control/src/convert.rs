@@ -84,10 +84,18 @@ fn latching_from_pb(
     field: &str,
 ) -> Result<Option<LatchingPolicy>, ServiceError> {
     let Some(p) = p else { return Ok(None) };
+    let duration =
+        duration_from_pb(p.duration.as_ref(), &format!("{field}.duration"))?.unwrap_or_default();
     match pb::LatchMode::try_from(p.mode) {
         Ok(pb::LatchMode::Unspecified | pb::LatchMode::FirstPacket) => {
             Ok(Some(LatchingPolicy::FirstPacket))
         }
+        Ok(pb::LatchMode::After) => Ok(Some(LatchingPolicy::After {
+            packets: p.packets,
+            duration,
+        })),
+        Ok(pb::LatchMode::Strict) => Ok(Some(LatchingPolicy::Strict)),
+        Ok(pb::LatchMode::Handover) => Ok(Some(LatchingPolicy::Handover { silence: duration })),
         Err(_) => Err(ServiceError::invalid(
             format!("{field}.mode"),
             format!("unknown latch mode {}", p.mode),
@@ -96,10 +104,19 @@ fn latching_from_pb(
 }
 
 fn latching_to_pb(l: LatchingPolicy) -> pb::LatchingPolicy {
-    let mode = match l {
-        LatchingPolicy::FirstPacket => pb::LatchMode::FirstPacket,
+    let (mode, packets, duration) = match l {
+        LatchingPolicy::FirstPacket => (pb::LatchMode::FirstPacket, 0, None),
+        LatchingPolicy::After { packets, duration } => {
+            (pb::LatchMode::After, packets, Some(duration))
+        }
+        LatchingPolicy::Strict => (pb::LatchMode::Strict, 0, None),
+        LatchingPolicy::Handover { silence } => (pb::LatchMode::Handover, 0, Some(silence)),
     };
-    pb::LatchingPolicy { mode: mode as i32 }
+    pb::LatchingPolicy {
+        mode: mode as i32,
+        packets,
+        duration: duration.map(duration_to_pb),
+    }
 }
 
 fn socket_addr(s: &str, field: &str) -> Result<Option<SocketAddr>, ServiceError> {
@@ -179,6 +196,7 @@ pub fn allocate_from_pb(r: &pb::AllocateRequest) -> Result<(Request, ChannelSpec
             leg_from_pb(r.leg_b.as_ref(), "leg_b")?.unwrap_or_default(),
         ],
         latching: latching_from_pb(r.latching.as_ref(), "latching")?.unwrap_or_default(),
+        clock_rate: r.clock_rate,
     };
     Ok((request, spec))
 }
@@ -223,6 +241,7 @@ pub fn update_from_pb(r: &pb::UpdateRequest) -> Result<(ChannelRef, Update), Ser
         ],
         latching: latching_from_pb(r.latching.as_ref(), "latching")?,
         timeout: duration_from_pb(r.timeout.as_ref(), "timeout")?,
+        clock_rate: r.clock_rate,
     };
     Ok((target, update))
 }
@@ -298,12 +317,18 @@ fn leg_to_pb(l: &Leg) -> pb::Leg {
 /// A channel for the wire.
 pub fn channel_to_pb(v: &ChannelView) -> pb::Channel {
     let clock = &v.clock;
+    let clock_rate = v.channel.effective_clock_rate();
     let dir = |i: usize| {
         let d = &v.stats.from_leg[i];
         pb::DirectionStats {
             packets: d.packets,
             bytes: d.bytes,
             last_seen: clock.wall_of_ns(d.last_seen_ns).map(timestamp),
+            lost: d.rtp.lost(),
+            reordered: d.rtp.reordered,
+            jitter: d.rtp.jitter(),
+            jitter_ms: d.rtp.jitter_ms(clock_rate),
+            rtp_packets: d.rtp.received,
         }
     };
     pb::Channel {
@@ -325,6 +350,7 @@ pub fn channel_to_pb(v: &ChannelView) -> pb::Channel {
             from_a: Some(dir(0)),
             from_b: Some(dir(1)),
         }),
+        clock_rate,
     }
 }
 
@@ -470,10 +496,48 @@ mod tests {
             "timeout: must be a positive duration"
         );
         let mut bad = ok;
-        bad.latching = Some(pb::LatchingPolicy { mode: 42 });
+        bad.latching = Some(pb::LatchingPolicy {
+            mode: 42,
+            ..Default::default()
+        });
         assert_eq!(
             allocate_from_pb(&bad).expect_err("mode").to_string(),
             "latching.mode: unknown latch mode 42"
+        );
+    }
+
+    #[test]
+    fn latching_policies_round_trip() {
+        for l in [
+            LatchingPolicy::FirstPacket,
+            LatchingPolicy::After {
+                packets: 5,
+                duration: Duration::from_millis(300),
+            },
+            LatchingPolicy::Strict,
+            LatchingPolicy::Handover {
+                silence: Duration::from_secs(2),
+            },
+        ] {
+            let wire = latching_to_pb(l);
+            assert_eq!(
+                latching_from_pb(Some(&wire), "latching").ok(),
+                Some(Some(l))
+            );
+        }
+        let bad = pb::LatchingPolicy {
+            mode: pb::LatchMode::Handover as i32,
+            packets: 0,
+            duration: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+        };
+        assert_eq!(
+            latching_from_pb(Some(&bad), "latching")
+                .expect_err("negative")
+                .to_string(),
+            "latching.duration: must be a positive duration"
         );
     }
 

@@ -878,6 +878,7 @@ async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::R
             leg_b: Some(leg(phones.office, true)),
             timeout: None,
             latching: None,
+            clock_rate: 0,
         }),
     )
     .await?;
@@ -1200,6 +1201,7 @@ mod tests {
                     packets: 50,
                     bytes: 8600,
                     last_seen: None,
+                    ..Default::default()
                 }),
                 from_b: None,
             }),

@@ -36,7 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use relay_common::{
-    Addr16, Be16, CHANNEL_USERSPACE_ONLY, Channel, ChannelStats, Endpoint, LEG_A, LEG_B, Leg,
+    Addr16, Be16, CHANNEL_USERSPACE_ONLY, Channel, ChannelStats, Endpoint, LEG_A, LEG_B, LatchMode,
+    Latching, Leg, quality::MAX_CLOCK_RATE,
 };
 use relay_user::forward::Component;
 use relay_user::{DataPath, DataPathError, Relay};
@@ -88,6 +89,33 @@ pub enum LatchingPolicy {
     /// The first packet from a leg that is not latched yet latches it.
     #[default]
     FirstPacket,
+    /// A new source latches after `packets` consecutive packets or `duration` since its first
+    /// packet, whichever comes first (0 / zero: not a criterion); until then it is dropped.
+    After { packets: u32, duration: Duration },
+    /// Only the addresses given in the legs; nothing is learnt from traffic.
+    Strict,
+    /// Like `FirstPacket`; a new source takes over a leg silent for `silence`.
+    Handover { silence: Duration },
+}
+
+/// Longest duration a latching policy takes (it is stored in milliseconds, as a `u32`).
+pub const MAX_LATCH_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+impl LatchingPolicy {
+    /// The policy as the data path stores it.
+    pub fn to_latching(self) -> Latching {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        match self {
+            LatchingPolicy::FirstPacket => Latching::new(LatchMode::FirstPacket, 0, 0),
+            LatchingPolicy::After { packets, duration } => {
+                Latching::new(LatchMode::After, packets, ms(duration))
+            }
+            LatchingPolicy::Strict => Latching::new(LatchMode::Strict, 0, 0),
+            LatchingPolicy::Handover { silence } => {
+                Latching::new(LatchMode::Handover, 0, ms(silence))
+            }
+        }
+    }
 }
 
 /// One leg as requested.
@@ -109,6 +137,8 @@ pub struct ChannelSpec {
     /// Leg A ([`LEG_A`]) and leg B ([`LEG_B`]).
     pub legs: [LegSpec; 2],
     pub latching: LatchingPolicy,
+    /// RTP clock rate in Hz for jitter; 0 = 8000 (G.711).
+    pub clock_rate: u32,
 }
 
 const LEG_FIELDS: [&str; 2] = ["leg_a", "leg_b"];
@@ -116,6 +146,42 @@ const LEG_FIELDS: [&str; 2] = ["leg_a", "leg_b"];
 impl ChannelSpec {
     /// Checks what the types do not; errors name the API field.
     pub fn validate(&self) -> Result<(), ServiceError> {
+        if self.clock_rate > MAX_CLOCK_RATE {
+            return Err(ServiceError::invalid(
+                "clock_rate",
+                format!("{} Hz is above {MAX_CLOCK_RATE} Hz", self.clock_rate),
+            ));
+        }
+        match self.latching {
+            LatchingPolicy::Strict => {
+                if let Some((_, field)) = self
+                    .legs
+                    .iter()
+                    .zip(LEG_FIELDS)
+                    .find(|(l, _)| l.rtp.is_none())
+                {
+                    return Err(ServiceError::invalid(
+                        format!("{field}.rtp_address"),
+                        "a strict latching policy needs both legs' addresses",
+                    ));
+                }
+            }
+            LatchingPolicy::Handover { silence } if silence < Duration::from_millis(1) => {
+                return Err(ServiceError::invalid(
+                    "latching.duration",
+                    "handover needs a silence of at least 1 ms",
+                ));
+            }
+            LatchingPolicy::Handover { silence: d } | LatchingPolicy::After { duration: d, .. }
+                if d > MAX_LATCH_DURATION =>
+            {
+                return Err(ServiceError::invalid(
+                    "latching.duration",
+                    "must be at most 24 h",
+                ));
+            }
+            _ => {}
+        }
         for (leg, field) in self.legs.iter().zip(LEG_FIELDS) {
             for (addr, name) in [(leg.rtp, "rtp_address"), (leg.rtcp, "rtcp_address")] {
                 let Some(addr) = addr else { continue };
@@ -176,8 +242,12 @@ pub fn build_channel(
 ) -> Channel {
     let mut channel = Channel::default();
     for (i, leg_spec) in spec.legs.iter().enumerate() {
+        // Strict: the given addresses are the only ones, confirmed from the start.
         let latched = match spec.latching {
-            LatchingPolicy::FirstPacket => leg_spec.strict,
+            LatchingPolicy::Strict => true,
+            LatchingPolicy::FirstPacket
+            | LatchingPolicy::After { .. }
+            | LatchingPolicy::Handover { .. } => leg_spec.strict,
         };
         // RFC 3550 §11: RTCP on the port above RTP unless the peer said otherwise.
         let rtcp = leg_spec.rtcp.or_else(|| {
@@ -198,6 +268,8 @@ pub fn build_channel(
             ..Leg::default()
         };
     }
+    channel.latching = spec.latching.to_latching();
+    channel.clock_rate = spec.clock_rate;
     channel
 }
 
@@ -302,6 +374,8 @@ pub struct Update {
     pub legs: [Option<LegSpec>; 2],
     pub latching: Option<LatchingPolicy>,
     pub timeout: Option<Duration>,
+    /// RTP clock rate in Hz (0 = 8000).
+    pub clock_rate: Option<u32>,
 }
 
 /// A page request of [`Service::list`].
@@ -561,6 +635,9 @@ impl Service {
         }
         if let Some(l) = update.latching {
             spec.latching = l;
+        }
+        if let Some(c) = update.clock_rate {
+            spec.clock_rate = c;
         }
         spec.validate()?;
         let mut channel = build_channel(&spec, port, &inner.options.relay_addresses);
@@ -1020,6 +1097,7 @@ mod tests {
                 },
             ],
             latching: LatchingPolicy::FirstPacket,
+            clock_rate: 0,
         };
         let defaults = [
             Some(Ipv4Addr::new(198, 51, 100, 1)),
@@ -1037,6 +1115,53 @@ mod tests {
         assert_eq!(b.local(), sa("192.0.2.2:30530"));
         assert_eq!(ch.flags, 0);
         assert!(!fast_path_eligible(&ch), "leg A is not latched yet");
+    }
+
+    #[test]
+    fn build_channel_stores_the_policy_and_clock_rate_and_strict_latches_every_address() {
+        let leg = |a: &str| LegSpec {
+            rtp: Some(sa(a)),
+            ..LegSpec::default()
+        };
+        let mut spec = ChannelSpec {
+            legs: [leg("203.0.113.7:40000"), leg("192.0.2.10:6000")],
+            latching: LatchingPolicy::Strict,
+            clock_rate: 48_000,
+        };
+        spec.validate().expect("valid");
+        let ch = build_channel(&spec, 30530, &[None, None]);
+        assert_eq!(ch.latching.mode(), LatchMode::Strict);
+        assert_eq!(ch.clock_rate, 48_000);
+        assert!(
+            ch.legs
+                .iter()
+                .all(|l| l.rtp.is_latched() && l.rtcp.is_latched())
+        );
+        spec.latching = LatchingPolicy::After {
+            packets: 3,
+            duration: Duration::from_millis(1500),
+        };
+        let ch = build_channel(&spec, 30530, &[None, None]);
+        assert_eq!(ch.latching, Latching::new(LatchMode::After, 3, 1500));
+        assert!(!ch.legs[0].rtp.is_latched());
+        // Validation: strict needs both addresses, handover a silence, rates are bounded.
+        spec.latching = LatchingPolicy::Strict;
+        spec.legs[1] = LegSpec::default();
+        assert_eq!(
+            spec.validate().expect_err("strict").to_string(),
+            "leg_b.rtp_address: a strict latching policy needs both legs' addresses"
+        );
+        spec.legs[1] = leg("192.0.2.10:6000");
+        spec.latching = LatchingPolicy::Handover {
+            silence: Duration::ZERO,
+        };
+        assert!(spec.validate().is_err());
+        spec.latching = LatchingPolicy::Handover {
+            silence: Duration::from_secs(2),
+        };
+        spec.validate().expect("valid handover");
+        spec.clock_rate = MAX_CLOCK_RATE + 1;
+        assert!(spec.validate().is_err());
     }
 
     #[test]
@@ -1101,6 +1226,7 @@ mod tests {
             let spec = ChannelSpec {
                 legs: [LegSpec::default(), b],
                 latching: LatchingPolicy::FirstPacket,
+                clock_rate: 0,
             };
             let e = spec.validate().expect_err(message);
             assert_eq!(e.to_string(), message);
@@ -1112,6 +1238,7 @@ mod tests {
                 LegSpec::default(),
             ],
             latching: LatchingPolicy::FirstPacket,
+            clock_rate: 0,
         };
         assert!(mapped.validate().is_ok());
     }

@@ -12,6 +12,9 @@
 
 use core::mem::size_of;
 
+pub mod quality;
+pub use quality::{DEFAULT_CLOCK_RATE, RtpState};
+
 /// Name of the channel table (`HashMap<ChannelKey, Channel>`), written by user space only.
 /// A hash map, not an array: the kernel replaces a hash value atomically (RCU), so the
 /// program never sees half of an update.
@@ -226,8 +229,77 @@ pub struct Channel {
     pub legs: [Leg; 2],
     /// `CHANNEL_*` bits.
     pub flags: u32,
+    /// RTP clock rate in Hz for the jitter statistics (host order); 0 = [`DEFAULT_CLOCK_RATE`].
+    pub clock_rate: u32,
+    /// How user space learns the legs' sources. The fast path never reads it: it forwards only
+    /// between latched endpoints, whatever the policy.
+    pub latching: Latching,
     /// Must be zero.
     pub reserved: u32,
+}
+
+/// How a channel learns its legs' media sources ([`Latching::mode`]). Applied by user space
+/// alone (`relay_user::forward::decide`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum LatchMode {
+    /// The first packet from a leg that is not latched yet latches it (the default).
+    FirstPacket = 0,
+    /// A new source latches after [`Latching::packets`] consecutive packets or
+    /// [`Latching::duration_ms`] since its first packet, whichever comes first; until then its
+    /// packets are dropped.
+    After = 1,
+    /// Only the addresses given by the control plane; nothing is learnt from traffic.
+    Strict = 2,
+    /// Like `FirstPacket`, and a latched leg that has been silent for
+    /// [`Latching::duration_ms`] re-latches to a new source (a phone changing networks, a NAT
+    /// rebinding).
+    Handover = 3,
+}
+
+impl LatchMode {
+    /// The mode stored as `raw`; an unknown value (from a newer writer) reads as the default.
+    #[inline(always)]
+    pub const fn from_raw(raw: u8) -> Self {
+        match raw {
+            1 => LatchMode::After,
+            2 => LatchMode::Strict,
+            3 => LatchMode::Handover,
+            _ => LatchMode::FirstPacket,
+        }
+    }
+}
+
+/// A channel's latching policy. All zero = [`LatchMode::FirstPacket`].
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct Latching {
+    /// A [`LatchMode`] as `u8`.
+    pub mode: u8,
+    /// Must be zero.
+    pub reserved: [u8; 3],
+    /// `After`: packets from a new source before it latches (0 = no packet criterion).
+    pub packets: u32,
+    /// `After`: milliseconds from a new source's first packet until it latches (0 = no time
+    /// criterion); `Handover`: silence of the latched source after which a new one latches.
+    pub duration_ms: u32,
+}
+
+impl Latching {
+    /// The policy's mode.
+    #[inline(always)]
+    pub const fn mode(&self) -> LatchMode {
+        LatchMode::from_raw(self.mode)
+    }
+    /// A policy with `mode` and its parameters.
+    pub const fn new(mode: LatchMode, packets: u32, duration_ms: u32) -> Self {
+        Self {
+            mode: mode as u8,
+            reserved: [0; 3],
+            packets,
+            duration_ms,
+        }
+    }
 }
 
 /// [`Channel::flags`]: user space handles this channel alone (the fast path passes its
@@ -259,13 +331,16 @@ impl ChannelKey {
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct DirectionStats {
+    /// Packets (RTP, RTCP, anything) forwarded.
     pub packets: u64,
     /// UDP payload bytes.
     pub bytes: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds of the last packet; 0 = never. The fast path writes the
-    /// coarse variant (`bpf_ktime_get_coarse_ns`: the same clock as of the last scheduler
-    /// tick), so its values may trail the user-space path's by up to one tick.
+    /// `CLOCK_MONOTONIC` nanoseconds of the last packet; 0 = never. For non-RTP packets the
+    /// fast path writes the coarse variant (`bpf_ktime_get_coarse_ns`: the same clock as of the
+    /// last scheduler tick), so its values may trail the user-space path's by up to one tick.
     pub last_seen_ns: u64,
+    /// RTP quality (RFC 3550 A.1/A.8) of the RTP packets (even port, version 2) among them.
+    pub rtp: RtpState,
 }
 
 /// Per-channel counters by direction: index [`LEG_A`] counts packets *from* leg A (to B),
@@ -430,12 +505,14 @@ const _: () = assert!(size_of::<Be16>() == 2);
 const _: () = assert!(size_of::<Addr16>() == 16);
 const _: () = assert!(size_of::<Endpoint>() == 20);
 const _: () = assert!(size_of::<Leg>() == 64);
-const _: () = assert!(size_of::<Channel>() == 136);
+const _: () = assert!(size_of::<Latching>() == 12);
+const _: () = assert!(size_of::<Channel>() == 152);
 const _: () = assert!(size_of::<ChannelKey>() == 4);
-const _: () = assert!(size_of::<DirectionStats>() == 24);
-const _: () = assert!(size_of::<ChannelStats>() == 48);
+const _: () = assert!(size_of::<RtpState>() == 56);
+const _: () = assert!(size_of::<DirectionStats>() == 80);
+const _: () = assert!(size_of::<ChannelStats>() == 160);
 const _: () = assert!(size_of::<NextHop>() == 28);
-const _: () = assert!(size_of::<ChannelState>() == 104);
+const _: () = assert!(size_of::<ChannelState>() == 216);
 const _: () = assert!(size_of::<RelayConfig>() == 12);
 
 #[cfg(feature = "user")]

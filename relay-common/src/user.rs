@@ -4,8 +4,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DirectionStats,
-    ENDPOINT_LATCHED, Endpoint, Leg, NextHop, RelayConfig,
+    Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DEFAULT_CLOCK_RATE,
+    DirectionStats, ENDPOINT_LATCHED, Endpoint, Leg, NextHop, RelayConfig, RtpState,
 };
 
 // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, has no implicit
@@ -23,6 +23,8 @@ unsafe impl aya::Pod for ChannelStats {}
 unsafe impl aya::Pod for DirectionStats {}
 // SAFETY: as above.
 unsafe impl aya::Pod for RelayConfig {}
+// SAFETY: as above.
+unsafe impl aya::Pod for RtpState {}
 
 impl From<IpAddr> for Addr16 {
     fn from(ip: IpAddr) -> Self {
@@ -88,12 +90,38 @@ impl Leg {
 }
 
 impl ChannelStats {
-    /// Adds `other` into `self` (e.g. to merge the fast-path and user-space counters).
+    /// Adds `other` into `self` (e.g. to merge the fast-path and user-space counters): packets,
+    /// bytes, lost and reordered add up; the RTP sequence and jitter state are those of the
+    /// path that saw the latest RTP packet ([`RtpState::merge`]).
     pub fn merge(&mut self, other: &ChannelStats) {
         for (a, b) in self.from_leg.iter_mut().zip(other.from_leg.iter()) {
             a.packets += b.packets;
             a.bytes += b.bytes;
             a.last_seen_ns = a.last_seen_ns.max(b.last_seen_ns);
+            a.rtp.merge(&b.rtp);
+        }
+    }
+}
+
+impl RtpState {
+    /// Interarrival jitter in milliseconds at `clock_rate` Hz (0 = [`DEFAULT_CLOCK_RATE`]).
+    pub fn jitter_ms(&self, clock_rate: u32) -> f64 {
+        let rate = if clock_rate == 0 {
+            DEFAULT_CLOCK_RATE
+        } else {
+            clock_rate
+        };
+        f64::from(self.jitter_q4) / 16.0 * 1000.0 / f64::from(rate)
+    }
+}
+
+impl Channel {
+    /// The clock rate for jitter: [`Channel::clock_rate`], or the default when 0.
+    pub fn effective_clock_rate(&self) -> u32 {
+        if self.clock_rate == 0 {
+            DEFAULT_CLOCK_RATE
+        } else {
+            self.clock_rate
         }
     }
 }
@@ -144,6 +172,8 @@ mod tests {
         Channel {
             legs: [a, b],
             flags: 0,
+            clock_rate: 48_000,
+            latching: crate::Latching::new(crate::LatchMode::After, 3, 250),
             reserved: 0,
         }
     }
@@ -152,7 +182,7 @@ mod tests {
     fn channel_round_trips_through_bytes() {
         let ch = sample_channel();
         let bytes = as_bytes(&ch).to_vec();
-        assert_eq!(bytes.len(), 136);
+        assert_eq!(bytes.len(), 152);
         let back: Channel = from_bytes(&bytes).unwrap();
         assert_eq!(back, ch);
         assert!(from_bytes::<Channel>(&bytes[1..]).is_none());
@@ -177,6 +207,26 @@ mod tests {
         assert_eq!(&b[56..58], &[0x77, 0x40]);
         // leg B ifindex (host order, as the kernel's bpf_fib_lookup uses it).
         assert_eq!(&b[64 + 60..64 + 64], &7u32.to_ne_bytes());
+        // After the legs: flags, clock rate (host order), latching (mode, 3 reserved bytes,
+        // packets, duration), reserved.
+        assert_eq!(&b[128..132], &0u32.to_ne_bytes());
+        assert_eq!(&b[132..136], &48_000u32.to_ne_bytes());
+        assert_eq!(&b[136..140], &[crate::LatchMode::After as u8, 0, 0, 0]);
+        assert_eq!(&b[140..144], &3u32.to_ne_bytes());
+        assert_eq!(&b[144..148], &250u32.to_ne_bytes());
+        assert_eq!(&b[148..152], &[0; 4]);
+        for m in [
+            crate::LatchMode::FirstPacket,
+            crate::LatchMode::After,
+            crate::LatchMode::Strict,
+            crate::LatchMode::Handover,
+        ] {
+            assert_eq!(crate::LatchMode::from_raw(m as u8), m);
+        }
+        assert_eq!(
+            crate::LatchMode::from_raw(200),
+            crate::LatchMode::FirstPacket
+        );
         assert_eq!(as_bytes(&ChannelKey::for_port(30529)), &[0x77, 0x40, 0, 0]);
         assert_eq!(crate::channel_index(30529), crate::channel_index(30528));
         assert_eq!(crate::channel_index(30528), 15264);
@@ -218,32 +268,71 @@ mod tests {
 
     #[test]
     fn stats_merge_adds_and_keeps_latest() {
+        let rtp = |first: u16, last: u16, at_ms: u64| {
+            let mut s = RtpState::default();
+            for seq in first..=last {
+                let hdr = crate::quality::RtpHeader {
+                    seq,
+                    timestamp: u32::from(seq) * 160,
+                };
+                s.update(hdr, at_ms * 1_000_000 + u64::from(seq) * 20_000_000, 8000);
+            }
+            s
+        };
         let mut a = ChannelStats::default();
         a.from_leg[0] = DirectionStats {
             packets: 2,
             bytes: 320,
             last_seen_ns: 10,
+            rtp: rtp(0, 1, 1),
         };
         let mut b = ChannelStats::default();
         b.from_leg[0] = DirectionStats {
             packets: 3,
             bytes: 480,
             last_seen_ns: 5,
+            rtp: rtp(3, 5, 1),
         };
         b.from_leg[1] = DirectionStats {
             packets: 1,
             bytes: 160,
             last_seen_ns: 7,
+            ..DirectionStats::default()
         };
         a.merge(&b);
-        assert_eq!(
-            a.from_leg[0],
-            DirectionStats {
-                packets: 5,
-                bytes: 800,
-                last_seen_ns: 10
-            }
-        );
+        let d = a.from_leg[0];
+        assert_eq!((d.packets, d.bytes, d.last_seen_ns), (5, 800, 10));
+        // Each path counts gaps within its own run: seq 2, between user space's run and the fast
+        // path's, is seen by neither as a gap (documented on `RtpState::merge`).
+        assert_eq!((d.rtp.received, d.rtp.lost(), d.rtp.ext_max_seq), (5, 0, 5));
         assert_eq!(a.from_leg[1].packets, 1);
+        assert_eq!(a.from_leg[1].rtp, RtpState::default());
+    }
+
+    #[test]
+    fn channel_state_round_trips_through_bytes() {
+        let mut st = ChannelState::default();
+        st.stats.from_leg[1].rtp.jitter_q4 = 0x1234_5678;
+        st.stats.from_leg[1].rtp.received = 9;
+        st.nexthop[1].generation = 3;
+        let bytes = as_bytes(&st).to_vec();
+        assert_eq!(bytes.len(), 216);
+        // from_leg[1] starts at 80; its RtpState at 80 + 24; jitter_q4 at +48 within it.
+        assert_eq!(
+            &bytes[80 + 24 + 48..80 + 24 + 52],
+            &0x1234_5678u32.to_ne_bytes()
+        );
+        assert_eq!(from_bytes::<ChannelState>(&bytes), Some(st));
+    }
+
+    #[test]
+    fn jitter_in_milliseconds_uses_the_clock_rate() {
+        let s = RtpState {
+            jitter_q4: 16 * 80,
+            ..RtpState::default()
+        };
+        assert_eq!(s.jitter_ms(8000), 10.0);
+        assert_eq!(s.jitter_ms(0), 10.0);
+        assert_eq!(s.jitter_ms(16000), 5.0);
     }
 }

@@ -6,6 +6,10 @@
 //! UDP checksums incrementally (RFC 1624; a zero UDP checksum stays zero), and send it with
 //! `XDP_TX` (egress = ingress) or `XDP_REDIRECT` through the egress device map.
 //!
+//! It also keeps each direction's RTP quality (RFC 3550 loss, reordering, jitter) with the
+//! shared arithmetic of `relay_common::quality`, for the RTP packets it forwards (even port,
+//! version 2 header); other packets count packets and bytes only.
+//!
 //! Invariant: **this program fails open.** Everything it does not forward — unknown port or
 //! source, unlatched leg, fragment, IP options, non-UDP, IPv6, truncated headers, FIB trouble —
 //! goes up the stack with `XDP_PASS`, where the user-space relay applies the full rule
@@ -27,7 +31,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
         xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -36,6 +40,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use relay_common::{
     CHANNEL_USERSPACE_ONLY, COUNTER_COUNT, Channel, ChannelKey, ChannelState, Counter, Endpoint,
     Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, NextHop, RelayConfig, channel_index,
+    quality::RtpHeader,
 };
 
 #[map]
@@ -209,6 +214,7 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     };
     let to_leg = &channel.legs[1 - from];
     let to = endpoint(to_leg, rtcp);
+    let payload_len = usize::from(udp_len) - UdpHdr::LEN;
     if !to.is_latched() {
         return Err(Counter::PassDestinationUnlatched);
     }
@@ -282,7 +288,17 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         (*udp).dst = new_dport.to_ne_bytes();
     }
 
-    account(state, from, u64::from(udp_len) - UdpHdr::LEN as u64);
+    // RTP only on the even port (RTCP shares the direction's packet and byte counters).
+    let rtp = if rtcp {
+        None
+    } else {
+        match ptr_at::<[u8; 8]>(ctx, EthHdr::LEN + Ipv4Hdr::LEN + UdpHdr::LEN) {
+            // SAFETY: `ptr_at` checked that these 8 bytes lie inside the packet.
+            Ok(head) => RtpHeader::parse(unsafe { &*head }, payload_len),
+            Err(_) => None,
+        }
+    };
+    account(state, from, payload_len as u64, rtp, channel.clock_rate);
 
     if same_if {
         return Ok((xdp_action::XDP_TX, Counter::Tx));
@@ -360,18 +376,43 @@ fn next_hop(
     Ok((fib.dmac, fib.smac, fib.ifindex))
 }
 
-/// Per-channel counters for the direction out of leg `from`.
+/// Per-channel counters for the direction out of leg `from`, and the RTP quality when the
+/// packet is RTP.
+///
+/// Packets and bytes are shared between CPUs, hence atomic adds (BPF_ATOMIC). The RTP state is
+/// updated read-modify-write, not atomically: one flow (one direction of one channel, one
+/// source address and port) is normally handled by one CPU at a time — RSS hashes the 5-tuple
+/// to one receive queue, and a veth or generic-mode packet runs on the CPU that sent it. If two
+/// CPUs do handle the same direction at once (a queue rehash, a NAT moving the flow, two senders
+/// on different CPUs), one packet's update can overwrite the other's: `received` or `reordered`
+/// miss an increment (lost then reads one too high), the jitter estimate misses one step, the
+/// highest sequence number may step back once. The statistics are off by a packet; nothing
+/// else is affected (plain integers, no pointer or forwarding decision depends on them).
 #[inline(always)]
-fn account(state: *mut ChannelState, from: usize, payload: u64) {
+fn account(
+    state: *mut ChannelState,
+    from: usize,
+    payload: u64,
+    rtp: Option<RtpHeader>,
+    clock_rate: u32,
+) {
     // SAFETY: `state` comes from a successful array lookup and is valid for this run; the
-    // counters are shared between CPUs, hence atomic adds (BPF_ATOMIC).
+    // direction index is 0 or 1.
     unsafe {
         let dir = &raw mut (*state).stats.from_leg[from & 1];
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*dir).bytes, payload);
-        // The coarse clock (the last tick of CLOCK_MONOTONIC) costs a fraction of
-        // bpf_ktime_get_ns and is plenty for idle detection.
-        (*dir).last_seen_ns = bpf_ktime_get_coarse_ns();
+        match rtp {
+            Some(hdr) => {
+                // Jitter needs the fine clock; the same reading serves as the last-seen time.
+                let now = bpf_ktime_get_ns();
+                (*dir).last_seen_ns = now;
+                (*dir).rtp.update(hdr, now, clock_rate);
+            }
+            // The coarse clock (the last tick of CLOCK_MONOTONIC) costs a fraction of
+            // bpf_ktime_get_ns and is plenty for idle detection.
+            None => (*dir).last_seen_ns = bpf_ktime_get_coarse_ns(),
+        }
     }
 }
 

@@ -7,13 +7,33 @@
 //! the same packets through both and require the same outcome.
 //!
 //! Latching (NAT traversal, "symmetric RTP"): a device behind a home router does not know its
-//! public address, so the address it announced is useless. The first packet of a component
-//! (RTP or RTCP) from a leg that is not latched yet teaches the relay its real source; from then
-//! on only that source is accepted for that leg — anything else is dropped and counted, which is
-//! the protection against RTP injection.
+//! public address, so the address it announced is useless. The relay learns the real source of
+//! each component (RTP, RTCP) of each leg from traffic; from then on only that source is
+//! accepted for that leg — anything else is dropped and counted, which is the protection
+//! against RTP injection. How a source is learnt is the channel's policy
+//! ([`relay_common::Latching`]):
+//!
+//! - **FirstPacket** (default): the first packet from an unlatched leg latches it.
+//! - **After** N packets / T ms: a new source latches with its N-th consecutive packet, or with
+//!   its first packet at least T ms after its first one, whichever comes first (a zero
+//!   parameter is not a criterion; both zero behaves like FirstPacket). Until then its packets
+//!   are dropped as [`DropReason::Learning`]. A packet from another source restarts the
+//!   learning with that source, so a single spoofed packet cannot win the race; a peer that
+//!   interleaves with the real one delays latching, it cannot take it over.
+//! - **Strict**: only the addresses the control plane gave; nothing is learnt from traffic.
+//! - **Handover** T ms: like FirstPacket, and once both legs are latched, a new source takes
+//!   over a leg whose latched source has been silent (no packet of either component from it,
+//!   on either data path) for T ms. The other component of that leg is unlatched (its address
+//!   kept as the expected one) so it re-learns its new source too.
+//!
+//! In every mode, a packet from an endpoint's announced address (set, not yet latched) latches
+//! it at once: that address came from the control plane.
+//!
+//! Everything but the first step (a latched source) needs state or a clock, so the XDP fast
+//! path forwards only latched → latched and passes the rest up to this rule.
 use std::net::SocketAddr;
 
-use relay_common::{Channel, Endpoint, LEG_A, LEG_B};
+use relay_common::{Channel, Endpoint, LEG_A, LEG_B, LatchMode};
 
 /// RTP or RTCP, from the parity of the relay port (RFC 3550 §11: RTCP uses RTP port + 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +63,12 @@ impl Component {
             Component::Rtcp => &mut leg.rtcp,
         }
     }
+    fn other(self) -> Self {
+        match self {
+            Component::Rtp => Component::Rtcp,
+            Component::Rtcp => Component::Rtp,
+        }
+    }
     fn offset(self) -> u16 {
         match self {
             Component::Rtp => 0,
@@ -54,21 +80,26 @@ impl Component {
 /// Why a datagram was not forwarded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// Both legs' endpoints for this component are latched and the source is neither: an
+    /// The source matched no latched endpoint and the policy lets it take none: both legs
+    /// latched (and, for Handover, neither silent long enough), or a Strict channel. An
     /// injection attempt or a stale peer.
     UnknownSource,
-    /// The source matched no endpoint and more than one leg could be learnt: refusing to guess.
+    /// The source matched no endpoint and more than one leg could take it: refusing to guess.
     Ambiguous,
     /// The destination leg's address for this component is not known yet.
     DestinationUnknown,
+    /// An After channel is still learning this source (fewer packets or less time than the
+    /// policy asks).
+    Learning,
 }
 
 impl DropReason {
     /// Every reason, for counters.
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::UnknownSource,
         DropReason::Ambiguous,
         DropReason::DestinationUnknown,
+        DropReason::Learning,
     ];
 
     /// A stable lowercase name, used as a metric label.
@@ -77,6 +108,7 @@ impl DropReason {
             DropReason::UnknownSource => "unknown_source",
             DropReason::Ambiguous => "ambiguous_source",
             DropReason::DestinationUnknown => "destination_unknown",
+            DropReason::Learning => "learning",
         }
     }
 }
@@ -97,10 +129,46 @@ pub enum Decision {
     Drop(DropReason),
 }
 
+/// A source an After channel is learning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Candidate {
+    src: SocketAddr,
+    first_ns: u64,
+    packets: u32,
+}
+
+/// What the rule remembers about a channel besides the channel itself: the sources being
+/// learnt (After) and when each leg's latched source was last known to be alive (Handover).
+/// Kept by the user-space path next to its channel; start afresh ([`Default`]) when the
+/// channel is replaced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatchState {
+    /// By leg, then component (RTP, RTCP).
+    candidates: [[Option<Candidate>; 2]; 2],
+    /// By leg: before this time the leg's latched source is known not to be silent long
+    /// enough, so a stream of foreign packets costs one last-seen lookup per silence period,
+    /// not one per packet.
+    alive_until_ns: [u64; 2],
+}
+
 /// Applies the forwarding rule to a datagram from `src` that arrived on relay port
-/// `relay_port`, latching in `channel` when the rule says so.
-pub fn decide(channel: &mut Channel, relay_port: u16, src: SocketAddr) -> Decision {
+/// `relay_port` at `now_ns` (`CLOCK_MONOTONIC`), latching in `channel` when its policy says so.
+///
+/// `last_seen(leg)` is the `CLOCK_MONOTONIC` time of the last packet forwarded *from* `leg`
+/// by either data path (0 = never). It is called only for a Handover channel, for a packet
+/// from no latched source, and at most once per leg and silence period: the hot path (a
+/// latched source) never calls it.
+pub fn decide(
+    channel: &mut Channel,
+    state: &mut LatchState,
+    relay_port: u16,
+    src: SocketAddr,
+    now_ns: u64,
+    mut last_seen: impl FnMut(usize) -> u64,
+) -> Decision {
     let component = Component::of_port(relay_port);
+    let policy = channel.latching;
+    let mode = policy.mode();
     let mut latched = false;
 
     // 1. A latched endpoint that matches: the common case, and the only one the fast path takes.
@@ -116,14 +184,48 @@ pub fn decide(channel: &mut Channel, relay_port: u16, src: SocketAddr) -> Decisi
             let exact = [LEG_A, LEG_B]
                 .into_iter()
                 .find(|&i| unlatched[i] && component.endpoint(&channel.legs[i]).matches(src));
-            let leg = match (exact, unlatched) {
-                (Some(i), _) => i,
+            let leg = match (exact, unlatched, mode) {
+                (Some(i), _, _) => i,
+                // Strict: nothing but the control plane's addresses.
+                (None, _, LatchMode::Strict) => return Decision::Drop(DropReason::UnknownSource),
                 // 3. Exactly one leg left to learn: this source is its real (NATed) address.
-                (None, [true, false]) => LEG_A,
-                (None, [false, true]) => LEG_B,
-                (None, [false, false]) => return Decision::Drop(DropReason::UnknownSource),
-                (None, [true, true]) => return Decision::Drop(DropReason::Ambiguous),
+                (None, [true, false], _) => LEG_A,
+                (None, [false, true], _) => LEG_B,
+                (None, [true, true], _) => return Decision::Drop(DropReason::Ambiguous),
+                // 4. Both latched: only a Handover channel may move a silent leg.
+                (None, [false, false], LatchMode::Handover) => {
+                    let silence_ns = u64::from(policy.duration_ms) * 1_000_000;
+                    let silent = [LEG_A, LEG_B].map(|i| {
+                        if now_ns < state.alive_until_ns[i] {
+                            return false;
+                        }
+                        let seen = last_seen(i);
+                        if now_ns.saturating_sub(seen) >= silence_ns {
+                            return true;
+                        }
+                        state.alive_until_ns[i] = seen.saturating_add(silence_ns);
+                        false
+                    });
+                    let leg = match silent {
+                        [true, false] => LEG_A,
+                        [false, true] => LEG_B,
+                        [false, false] => return Decision::Drop(DropReason::UnknownSource),
+                        [true, true] => return Decision::Drop(DropReason::Ambiguous),
+                    };
+                    // The peer moved: its other component re-learns its new source.
+                    component.other().endpoint_mut(&mut channel.legs[leg]).flags &=
+                        !relay_common::ENDPOINT_LATCHED;
+                    state.alive_until_ns[leg] = 0;
+                    leg
+                }
+                (None, [false, false], _) => return Decision::Drop(DropReason::UnknownSource),
             };
+            if exact.is_none()
+                && mode == LatchMode::After
+                && !learnt(state, leg, component, src, now_ns, policy)
+            {
+                return Decision::Drop(DropReason::Learning);
+            }
             *component.endpoint_mut(&mut channel.legs[leg]) = Endpoint::new(src, true);
             latched = true;
             leg
@@ -146,10 +248,53 @@ pub fn decide(channel: &mut Channel, relay_port: u16, src: SocketAddr) -> Decisi
     }
 }
 
+/// After: counts a packet from `src` towards learning `leg`'s `component`; true when it is
+/// learnt (the candidate is then forgotten).
+fn learnt(
+    state: &mut LatchState,
+    leg: usize,
+    component: Component,
+    src: SocketAddr,
+    now_ns: u64,
+    policy: relay_common::Latching,
+) -> bool {
+    let slot = &mut state.candidates[leg][component.offset() as usize];
+    let c = match slot {
+        Some(c) if c.src == src => {
+            c.packets = c.packets.saturating_add(1);
+            *c
+        }
+        _ => *slot.insert(Candidate {
+            src,
+            first_ns: now_ns,
+            packets: 1,
+        }),
+    };
+    let by_packets = policy.packets != 0 && c.packets >= policy.packets;
+    let by_time = policy.duration_ms != 0
+        && now_ns.saturating_sub(c.first_ns) >= u64::from(policy.duration_ms) * 1_000_000;
+    let unconditional = policy.packets == 0 && policy.duration_ms == 0;
+    if by_packets || by_time || unconditional {
+        *slot = None;
+        true
+    } else {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relay_common::Leg;
+    use relay_common::{Latching, Leg};
+
+    const MS: u64 = 1_000_000;
+
+    /// The rule for policies that need no state or clock.
+    fn decide(ch: &mut Channel, port: u16, src: SocketAddr) -> Decision {
+        super::decide(ch, &mut LatchState::default(), port, src, MS, |_| {
+            panic!("only Handover looks at last-seen times")
+        })
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -169,8 +314,7 @@ mod tests {
         );
         Channel {
             legs: [a, b],
-            flags: 0,
-            reserved: 0,
+            ..Channel::default()
         }
     }
 
@@ -261,5 +405,225 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A home leg latched at a NAT address and the office leg latched: for the policies that
+    /// act after latching.
+    fn latched_channel(latching: Latching) -> Channel {
+        let mut ch = channel();
+        ch.legs[LEG_A].rtp = Endpoint::new(sa("198.51.100.20:40007"), true);
+        ch.legs[LEG_A].rtcp = Endpoint::new(sa("198.51.100.20:40008"), true);
+        ch.latching = latching;
+        ch
+    }
+
+    #[test]
+    fn after_n_packets_latches_with_the_nth_consecutive_packet() {
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::After, 3, 0);
+        let mut st = LatchState::default();
+        let nat = sa("198.51.100.20:40007");
+        let spoof = sa("198.51.100.66:1234");
+        let mut d = |ch: &mut Channel, src, t| {
+            super::decide(ch, &mut st, 30528, src, t, |_| unreachable!())
+        };
+        assert_eq!(d(&mut ch, nat, MS), Decision::Drop(DropReason::Learning));
+        assert_eq!(
+            d(&mut ch, nat, 2 * MS),
+            Decision::Drop(DropReason::Learning)
+        );
+        // Another source restarts the count: one spoofed packet cannot win the race.
+        assert_eq!(
+            d(&mut ch, spoof, 3 * MS),
+            Decision::Drop(DropReason::Learning)
+        );
+        assert_eq!(
+            d(&mut ch, nat, 4 * MS),
+            Decision::Drop(DropReason::Learning)
+        );
+        assert_eq!(
+            d(&mut ch, nat, 5 * MS),
+            Decision::Drop(DropReason::Learning)
+        );
+        assert!(!ch.legs[LEG_A].rtp.is_latched());
+        assert!(matches!(
+            d(&mut ch, nat, 6 * MS),
+            Decision::Forward {
+                from_leg: LEG_A,
+                latched: true,
+                ..
+            }
+        ));
+        assert!(ch.legs[LEG_A].rtp.matches(nat));
+        // Latched now: the spoofer is an unknown source like on any channel.
+        assert_eq!(
+            d(&mut ch, spoof, 7 * MS),
+            Decision::Drop(DropReason::UnknownSource)
+        );
+        // RTCP learns on its own (its first packet starts its own count).
+        let r = super::decide(
+            &mut ch,
+            &mut st,
+            30529,
+            sa("198.51.100.20:40008"),
+            8 * MS,
+            |_| 0,
+        );
+        assert_eq!(r, Decision::Drop(DropReason::Learning));
+    }
+
+    #[test]
+    fn after_t_ms_latches_the_first_packet_past_the_delay() {
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::After, 0, 100);
+        let mut st = LatchState::default();
+        let nat = sa("198.51.100.20:40007");
+        let mut d = |ch: &mut Channel, t| super::decide(ch, &mut st, 30528, nat, t, |_| 0);
+        assert_eq!(d(&mut ch, 1_000 * MS), Decision::Drop(DropReason::Learning));
+        assert_eq!(d(&mut ch, 1_099 * MS), Decision::Drop(DropReason::Learning));
+        assert!(matches!(
+            d(&mut ch, 1_100 * MS),
+            Decision::Forward { latched: true, .. }
+        ));
+    }
+
+    #[test]
+    fn after_latches_an_announced_address_at_once_and_zero_parameters_mean_first_packet() {
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::After, 5, 1000);
+        assert!(matches!(
+            decide(&mut ch, 30528, sa("10.0.0.5:5004")),
+            Decision::Forward { latched: true, .. }
+        ));
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::After, 0, 0);
+        assert!(matches!(
+            decide(&mut ch, 30528, sa("198.51.100.20:40007")),
+            Decision::Forward { latched: true, .. }
+        ));
+    }
+
+    #[test]
+    fn strict_never_learns() {
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::Strict, 0, 0);
+        let before = ch;
+        assert_eq!(
+            decide(&mut ch, 30528, sa("198.51.100.20:40007")),
+            Decision::Drop(DropReason::UnknownSource)
+        );
+        assert_eq!(ch, before);
+        // The address the control plane gave is accepted (and confirmed).
+        assert!(matches!(
+            decide(&mut ch, 30528, sa("10.0.0.5:5004")),
+            Decision::Forward {
+                from_leg: LEG_A,
+                latched: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&mut ch, 30528, sa("192.0.2.10:6000")),
+            Decision::Forward {
+                from_leg: LEG_B,
+                latched: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn handover_moves_a_silent_leg_to_the_new_source() {
+        let mut ch = latched_channel(Latching::new(LatchMode::Handover, 0, 500));
+        let mut st = LatchState::default();
+        let moved = sa("203.0.113.50:41000");
+        // Leg A (home) last heard at 1.0 s, the office at 1.9 s.
+        let lookups = std::cell::Cell::new(0);
+        let seen = |leg: usize| {
+            lookups.set(lookups.get() + 1);
+            if leg == LEG_A { 1_000 * MS } else { 1_900 * MS }
+        };
+        // 1.2 s: nobody silent for 500 ms yet — an injection attempt.
+        assert_eq!(
+            super::decide(&mut ch, &mut st, 30528, moved, 1_200 * MS, seen),
+            Decision::Drop(DropReason::UnknownSource)
+        );
+        // Until 1.5 s the lookup is not repeated.
+        assert_eq!(
+            super::decide(&mut ch, &mut st, 30528, moved, 1_300 * MS, seen),
+            Decision::Drop(DropReason::UnknownSource)
+        );
+        assert_eq!(lookups.get(), 2, "one lookup per leg, then cached");
+        // 1.6 s: home silent for 600 ms, office for 0 — the home phone moved.
+        let d = super::decide(&mut ch, &mut st, 30528, moved, 1_600 * MS, seen);
+        assert_eq!(
+            d,
+            Decision::Forward {
+                from_leg: LEG_A,
+                from: sa("192.0.2.1:30528"),
+                to: sa("192.0.2.10:6000"),
+                latched: true
+            }
+        );
+        assert!(ch.legs[LEG_A].rtp.matches(moved) && ch.legs[LEG_A].rtp.is_latched());
+        // Its RTCP re-learns: unlatched, the old address kept as the expected one.
+        assert!(!ch.legs[LEG_A].rtcp.is_latched());
+        assert!(ch.legs[LEG_A].rtcp.matches(sa("198.51.100.20:40008")));
+        let r = super::decide(
+            &mut ch,
+            &mut st,
+            30529,
+            sa("203.0.113.50:41001"),
+            1_700 * MS,
+            |_| 0,
+        );
+        assert!(matches!(
+            r,
+            Decision::Forward {
+                from_leg: LEG_A,
+                latched: true,
+                ..
+            }
+        ));
+        // The old source is now the stranger.
+        assert_eq!(
+            super::decide(
+                &mut ch,
+                &mut st,
+                30528,
+                sa("198.51.100.20:40007"),
+                1_700 * MS,
+                |_| 1_650 * MS
+            ),
+            Decision::Drop(DropReason::UnknownSource)
+        );
+    }
+
+    #[test]
+    fn handover_refuses_when_both_legs_are_silent() {
+        let mut ch = latched_channel(Latching::new(LatchMode::Handover, 0, 500));
+        let d = super::decide(
+            &mut ch,
+            &mut LatchState::default(),
+            30528,
+            sa("203.0.113.50:41000"),
+            10_000 * MS,
+            |_| 0,
+        );
+        assert_eq!(d, Decision::Drop(DropReason::Ambiguous));
+    }
+
+    #[test]
+    fn first_packet_never_relatches_however_long_the_silence() {
+        let mut ch = latched_channel(Latching::default());
+        let d = super::decide(
+            &mut ch,
+            &mut LatchState::default(),
+            30528,
+            sa("203.0.113.50:41000"),
+            10_000 * MS,
+            |_| panic!("no lookup outside Handover"),
+        );
+        assert_eq!(d, Decision::Drop(DropReason::UnknownSource));
     }
 }

@@ -8,6 +8,10 @@
 //! space before the fast path and removed from the fast path first, so no packet is ever
 //! forwarded by XDP for a channel user space does not know. If the fast path fails (load,
 //! attach, map update) the relay keeps working in user space and says why.
+//!
+//! Counters of the two paths are merged in [`Relay::stats`]: packets, bytes, RTP loss and
+//! reordering add up; the RTP sequence and jitter state come from the path that saw the
+//! direction's latest RTP packet (`relay_common::RtpState::merge`).
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -15,7 +19,7 @@ use relay_common::{Channel, ChannelStats};
 
 use crate::{
     datapath::{DataPath, DataPathError},
-    userspace::{ChannelObserver, UserspaceConfig, UserspaceRelay},
+    userspace::{ChannelObserver, FastPathLastSeen, UserspaceConfig, UserspaceRelay},
     xdp::{XdpDataPath, XdpOptions},
 };
 
@@ -108,8 +112,18 @@ impl Relay {
             workers,
             ..UserspaceConfig::default()
         };
-        let userspace =
-            UserspaceRelay::start(cfg, observer).context("starting the user-space relay")?;
+        // The Handover policy's view of what the fast path forwarded: one map lookup, made only
+        // for packets from no latched source (forward::decide caches it per silence period).
+        let last_seen: Option<FastPathLastSeen> = xdp.clone().map(|x| {
+            let f: FastPathLastSeen = Arc::new(move |port: u16| {
+                x.stats(port)
+                    .ok()
+                    .map(|s| s.from_leg.map(|d| d.last_seen_ns))
+            });
+            f
+        });
+        let userspace = UserspaceRelay::start_with_fast_path(cfg, observer, last_seen)
+            .context("starting the user-space relay")?;
         let relay = Relay {
             userspace,
             xdp,

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::Duration;
 
+use relay_common::quality::{RtpHeader, RtpState};
 use relay_common::{Channel, ChannelStats, DirectionStats};
 
 use crate::forward::DropReason;
@@ -72,6 +73,13 @@ impl Default for UserspaceConfig {
 /// [`DataPath::install`]/[`DataPath::remove`] from it (they return an error there).
 pub type ChannelObserver = Arc<dyn Fn(u16, &Channel) + Send + Sync>;
 
+/// Called (from a worker thread) with a channel's even RTP port for the `CLOCK_MONOTONIC`
+/// time of the last packet the *fast path* forwarded from each leg (0 = never), or `None`.
+/// The Handover latching policy needs it to tell a silent leg from one the fast path carries;
+/// it is asked only for packets from no latched source, at most once per leg and silence
+/// period ([`forward::decide`](crate::forward::decide)).
+pub type FastPathLastSeen = Arc<dyn Fn(u16) -> Option<[u64; 2]> + Send + Sync>;
+
 /// A snapshot of the relay's global counters, summed over the workers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UserspaceCounters {
@@ -115,6 +123,7 @@ fn drop_index(reason: DropReason) -> usize {
         DropReason::UnknownSource => 0,
         DropReason::Ambiguous => 1,
         DropReason::DestinationUnknown => 2,
+        DropReason::Learning => 3,
     }
 }
 
@@ -159,6 +168,34 @@ struct DirectionCounters {
     packets: AtomicU64,
     bytes: AtomicU64,
     last_seen_ns: AtomicU64,
+    /// RTP quality, written by the owning worker alone ([`AtomicRtp`]).
+    rtp: AtomicRtp,
+}
+
+/// An [`RtpState`] other threads can read while the owning worker updates it: one atomic per
+/// 8-byte word, plain loads and stores (single writer). A reader may see words of two
+/// consecutive updates, i.e. statistics one packet apart, never a torn word.
+#[derive(Default)]
+struct AtomicRtp([AtomicU64; RTP_WORDS]);
+
+const RTP_WORDS: usize = size_of::<RtpState>() / 8;
+const _: () = assert!(size_of::<RtpState>() % 8 == 0);
+
+impl AtomicRtp {
+    fn load(&self) -> RtpState {
+        let mut bytes = [0u8; size_of::<RtpState>()];
+        for (b, w) in bytes.chunks_exact_mut(8).zip(self.0.iter()) {
+            b.copy_from_slice(&w.load(Relaxed).to_ne_bytes());
+        }
+        relay_common::from_bytes(&bytes).unwrap_or_default()
+    }
+    fn store(&self, s: &RtpState) {
+        for (b, w) in relay_common::as_bytes(s).chunks_exact(8).zip(self.0.iter()) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(b);
+            w.store(u64::from_ne_bytes(word), Relaxed);
+        }
+    }
 }
 
 /// What other threads can see of a channel: counters (written by the owning worker without
@@ -175,6 +212,21 @@ impl ChannelShared {
             channel: Mutex::new(channel),
         }
     }
+    /// Accounts an RTP-port datagram forwarded from `from_leg` that arrived at `now` (owning
+    /// worker only). Anything but an RTP version 2 header counts packets and bytes only.
+    fn record_rtp(&self, from_leg: usize, payload: &[u8], now: u64, clock_rate: u32) {
+        let Some(hdr) = payload
+            .first_chunk::<8>()
+            .and_then(|head| RtpHeader::parse(head, payload.len()))
+        else {
+            return;
+        };
+        let dir = &self.stats[from_leg & 1];
+        let mut q = dir.rtp.load();
+        q.update(hdr, now, clock_rate);
+        dir.rtp.store(&q);
+    }
+
     fn stats(&self) -> ChannelStats {
         let mut s = ChannelStats::default();
         for (out, c) in s.from_leg.iter_mut().zip(self.stats.iter()) {
@@ -182,6 +234,7 @@ impl ChannelShared {
                 packets: c.packets.load(Relaxed),
                 bytes: c.bytes.load(Relaxed),
                 last_seen_ns: c.last_seen_ns.load(Relaxed),
+                rtp: c.rtp.load(),
             };
         }
         s
@@ -262,6 +315,16 @@ impl UserspaceRelay {
         cfg: UserspaceConfig,
         observer: Option<ChannelObserver>,
     ) -> Result<Self, DataPathError> {
+        Self::start_with_fast_path(cfg, observer, None)
+    }
+
+    /// [`Self::start`], with a view of the fast path's last-seen times for the Handover
+    /// latching policy (see [`FastPathLastSeen`]).
+    pub fn start_with_fast_path(
+        cfg: UserspaceConfig,
+        observer: Option<ChannelObserver>,
+        fast_path_last_seen: Option<FastPathLastSeen>,
+    ) -> Result<Self, DataPathError> {
         if cfg.port_min > cfg.port_max {
             return Err(invalid("port_min is above port_max"));
         }
@@ -297,6 +360,7 @@ impl UserspaceRelay {
                 bind_addr: cfg.bind_addr,
                 batch: cfg.batch,
                 observer: observer.clone(),
+                fast_path_last_seen: fast_path_last_seen.clone(),
             };
             let thread = thread::Builder::new()
                 .name(format!("hr-user-{i}"))

@@ -93,7 +93,7 @@ fn channel(home_local: &str, home_announced: &str, office_local: &str, office: &
             Leg::new(sa(office_local), ep(o, 0, true), ep(o, 1, true)),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     }
 }
 
@@ -262,8 +262,41 @@ fn run(path: Path) {
         assert_eq!(s.from_leg[LEG_A].bytes, u64::from(PACKETS) * 172);
     }
 
+    // Quality: home → office again, continuing the sequence with every 10th number left out
+    // (RTP loss as a receiver sees it); both paths' statistics together show exactly that loss.
+    let lossy: Vec<u16> = (PACKETS..2 * PACKETS).filter(|s| s % 10 != 0).collect();
+    let rx = std::thread::spawn({
+        let office1 = office1.try_clone().unwrap();
+        let n = lossy.len() as u16;
+        move || recv_rtp(&office1, sa("192.0.2.1:30528"), 0x1111, n)
+    });
+    for &seq in &lossy {
+        home.send_to(&rtp(seq, 0x1111), sa("198.51.100.1:30528"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        rx.join().unwrap(),
+        lossy,
+        "lossy stream: extra loss or reordering"
+    );
+    let skipped = u64::from(PACKETS / 10);
+    let q = relay.stats(30528).unwrap().from_leg[LEG_A].rtp;
+    assert_eq!(q.lost(), skipped, "{q:?}");
+    assert_eq!(q.reordered, 0, "{q:?}");
+    assert_eq!(q.received, u64::from(PACKETS) + lossy.len() as u64, "{q:?}");
+    assert_eq!(q.ext_max_seq, u32::from(2 * PACKETS - 1), "{q:?}");
+    // The path that carried the lossy stream saw the loss itself.
+    let carrier = match relay.xdp() {
+        Some(x) => x.stats(30528).unwrap().from_leg[LEG_A].rtp,
+        None => relay.userspace().stats(30528).unwrap().from_leg[LEG_A].rtp,
+    };
+    assert_eq!(carrier.lost(), skipped, "{path:?}: {carrier:?}");
+    // The other direction lost nothing.
+    assert_eq!(relay.stats(30528).unwrap().from_leg[LEG_B].rtp.lost(), 0);
+
     // Which path carried the traffic.
-    let total = 4 * u64::from(PACKETS);
+    let total = 4 * u64::from(PACKETS) + lossy.len() as u64;
     match relay.xdp() {
         None => assert_eq!(path, Path::Userspace),
         Some(x) => {

@@ -111,7 +111,7 @@ fn channel(local: Ipv4Addr, port: u16, b_rtp: SocketAddr, b_rtcp: SocketAddr) ->
     Channel {
         legs: [a, b],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     }
 }
 
@@ -765,4 +765,48 @@ fn channel_changes_from_the_observer_are_refused_not_deadlocked() {
     // The worker is still alive.
     b.send_to(b"back", relay_addr(41700)).expect("send");
     assert_eq!(recv(&a).0, b"back");
+}
+
+#[test]
+fn a_backlog_longer_than_one_visit_is_drained_without_further_traffic() {
+    // Sockets are edge-triggered and one visit reads at most 8 batches, so the rest of a long
+    // backlog must be read in later rounds although no new datagram reports the socket again.
+    const P: u16 = 41800;
+    const BACKLOG: u16 = 1_000;
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(Some((entered_tx, gate)));
+    let observer: ChannelObserver = Arc::new(move |_, _: &Channel| {
+        let taken = gate.lock().expect("gate lock").take();
+        if let Some((entered_tx, gate)) = taken {
+            let _ = entered_tx.send(());
+            let _ = gate.recv_timeout(WAIT);
+        }
+    });
+    let relay = start_with(41800, 41849, LO, 1, Some(observer));
+    let [a, b, b_rtcp] = peers(41840);
+    // B holds the whole backlog until the test reads it.
+    if setsockopt_int(&b, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20).is_err() {
+        setsockopt_int(&b, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20).expect("SO_RCVBUF");
+    }
+    relay
+        .install(P, &channel(LO, P, addr(&b), addr(&b_rtcp)))
+        .expect("install");
+    a.send_to(&rtp(0, 172), relay_addr(P)).expect("send");
+    entered
+        .recv_timeout(WAIT)
+        .expect("the first datagram latches A");
+    // Queued on the relay socket while its worker is held: 1,000 datagrams, 32 per batch.
+    for seq in 1..=BACKLOG {
+        a.send_to(&rtp(seq, 172), relay_addr(P)).expect("send");
+    }
+    release.send(()).expect("release the worker");
+    let total = u64::from(BACKLOG) + 1;
+    let c = wait_counters(&relay, "the whole backlog", |c| {
+        c.forwarded_packets == total
+    });
+    assert_eq!((c.rx_packets, c.send_errors), (total, 0));
+    for seq in 0..=BACKLOG {
+        assert_eq!(recv(&b), (rtp(seq, 172), relay_addr(P)), "in order, intact");
+    }
 }

@@ -18,10 +18,12 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use common::{FrameSpec, PinDir, parse_forwarded, require_root, rtp};
 use etherparse::IpNumber;
-use relay_common::{CHANNEL_USERSPACE_ONLY, Channel, Counter, Endpoint, Leg};
+use relay_common::{
+    CHANNEL_USERSPACE_ONLY, Channel, Counter, Endpoint, LEG_A, LatchMode, Latching, Leg,
+};
 use relay_user::{
     DataPath,
-    forward::{Decision, DropReason, decide},
+    forward::{Decision, DropReason, LatchState, decide},
     netns::{self, Host, Testbed, TestbedOptions},
     xdp::{XdpDataPath, XdpMode, XdpOptions},
 };
@@ -66,7 +68,7 @@ fn channels() -> Vec<(u16, Channel)> {
             ),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     };
     // Home leg announced a private address (it is behind NAT) and is not latched yet.
     let unlatched_home = Channel {
@@ -85,7 +87,7 @@ fn channels() -> Vec<(u16, Channel)> {
             ),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     };
     // Two devices reached through the same interface: hairpin, XDP_TX.
     let hairpin = Channel {
@@ -104,7 +106,7 @@ fn channels() -> Vec<(u16, Channel)> {
             ),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     };
     let mut userspace_only = home_office;
     userspace_only.flags = CHANNEL_USERSPACE_ONLY;
@@ -128,7 +130,30 @@ fn channels() -> Vec<(u16, Channel)> {
             ),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
+    };
+    // One channel per latching policy: the fast path treats them all alike (latched → latched
+    // only); user space applies the policy.
+    let policy = |port: u16, latching: Latching, home_latched: bool| {
+        let local = |addr: &str| format!("{addr}:{port}");
+        Channel {
+            legs: [
+                leg(
+                    &local("198.51.100.1"),
+                    &format!("198.51.100.10:{}", port - 25000),
+                    &format!("198.51.100.10:{}", port - 24999),
+                    home_latched,
+                ),
+                leg(
+                    &local("192.0.2.1"),
+                    &format!("192.0.2.10:{}", port - 24000),
+                    &format!("192.0.2.10:{}", port - 23999),
+                    true,
+                ),
+            ],
+            latching,
+            ..Channel::default()
+        }
     };
     vec![
         (30528, home_office),
@@ -136,6 +161,22 @@ fn channels() -> Vec<(u16, Channel)> {
         (30532, hairpin),
         (30534, userspace_only),
         (30536, unlatched_office),
+        (
+            30538,
+            policy(30538, Latching::new(LatchMode::After, 2, 0), false),
+        ),
+        (
+            30540,
+            policy(30540, Latching::new(LatchMode::Strict, 0, 0), true),
+        ),
+        (
+            30542,
+            policy(30542, Latching::new(LatchMode::Handover, 0, 500), true),
+        ),
+        (
+            30544,
+            policy(30544, Latching::new(LatchMode::FirstPacket, 0, 0), true),
+        ),
     ]
 }
 
@@ -175,7 +216,14 @@ struct Fixture {
     /// The whole relay's outcome: what user space decides for what the kernel delivers, or
     /// `None` when the packet never reaches a relay socket.
     userspace: Option<Decision>,
+    /// When each leg was last heard (for the Handover policy), as of [`NOW`].
+    last_seen: [u64; 2],
 }
+
+/// The user-space rule's clock in the fixtures (`CLOCK_MONOTONIC` ns).
+const NOW: u64 = 100_000_000_000;
+/// Both legs heard just now.
+const ALIVE: [u64; 2] = [NOW, NOW];
 
 /// The frame the relay must emit: built from scratch, so its checksums are computed fresh.
 fn expected_output(input: &FrameSpec, src: &str, dst: &str, to_if: &str) -> Vec<u8> {
@@ -220,6 +268,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
         userspace: fwd(0, "192.0.2.1:30528", "192.0.2.10:6000", false),
+        last_seen: ALIVE,
     });
 
     let b_to_a = FrameSpec::udp(v4("192.0.2.10:6000"), v4("192.0.2.1:30528"), &payload);
@@ -236,6 +285,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
         userspace: fwd(1, "198.51.100.1:30528", "198.51.100.10:5004", false),
+        last_seen: ALIVE,
     });
 
     let rtcp = FrameSpec::udp(
@@ -259,6 +309,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
         userspace: fwd(0, "192.0.2.1:30529", "192.0.2.10:6001", false),
+        last_seen: ALIVE,
     });
 
     let hairpin = FrameSpec::udp(v4("198.51.100.10:7000"), v4("198.51.100.1:30532"), &payload);
@@ -275,6 +326,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_TX,
         counter: Counter::Tx,
         userspace: fwd(0, "198.51.100.1:30532", "198.51.100.10:7002", false),
+        last_seen: ALIVE,
     });
 
     let mut zero = FrameSpec::udp(v4("192.0.2.10:6000"), v4("192.0.2.1:30528"), &payload);
@@ -292,6 +344,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_REDIRECT,
         counter: Counter::Redirect,
         userspace: fwd(1, "198.51.100.1:30528", "198.51.100.10:5004", false),
+        last_seen: ALIVE,
     });
 
     // Payload variants: different starting checksums exercise the carries of the update.
@@ -320,6 +373,7 @@ fn fixtures() -> Vec<Fixture> {
             action: XDP_REDIRECT,
             counter: Counter::Redirect,
             userspace: fwd(0, "192.0.2.1:30528", "192.0.2.10:6000", false),
+            last_seen: ALIVE,
         });
     }
 
@@ -332,6 +386,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassUnknownSource,
         userspace: Some(Decision::Drop(DropReason::UnknownSource)),
+        last_seen: ALIVE,
     });
 
     let natted = FrameSpec::udp(
@@ -347,6 +402,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassUnknownSource,
         userspace: fwd(0, "192.0.2.1:30530", "192.0.2.10:6002", true),
+        last_seen: ALIVE,
     });
 
     let to_unlatched = FrameSpec::udp(v4("198.51.100.10:5010"), v4("198.51.100.1:30536"), &payload);
@@ -358,6 +414,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassDestinationUnlatched,
         userspace: fwd(0, "192.0.2.1:30536", "192.0.2.10:6010", false),
+        last_seen: ALIVE,
     });
 
     let us_only = FrameSpec::udp(v4("198.51.100.10:5004"), v4("198.51.100.1:30534"), &payload);
@@ -369,6 +426,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassUserspaceOnly,
         userspace: fwd(0, "192.0.2.1:30534", "192.0.2.10:6000", false),
+        last_seen: ALIVE,
     });
 
     for (name, port, counter) in [
@@ -393,6 +451,7 @@ fn fixtures() -> Vec<Fixture> {
             action: XDP_PASS,
             counter,
             userspace: None,
+            last_seen: ALIVE,
         });
     }
 
@@ -410,6 +469,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassNotUdp,
         userspace: None,
+        last_seen: ALIVE,
     });
 
     let mut frag = FrameSpec::udp(v4("198.51.100.10:5004"), v4("198.51.100.1:30528"), &payload);
@@ -423,6 +483,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassFragment,
         userspace: fwd(0, "192.0.2.1:30528", "192.0.2.10:6000", false),
+        last_seen: ALIVE,
     });
 
     let mut opts = FrameSpec::udp(v4("198.51.100.10:5004"), v4("198.51.100.1:30528"), &payload);
@@ -435,6 +496,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassIpOptions,
         userspace: fwd(0, "192.0.2.1:30528", "192.0.2.10:6000", false),
+        last_seen: ALIVE,
     });
 
     let whole = a_to_b_frame(&payload);
@@ -446,6 +508,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassTruncated,
         userspace: None,
+        last_seen: ALIVE,
     });
     f.push(Fixture {
         name: "IPv4 total length beyond the frame",
@@ -455,6 +518,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassTruncated,
         userspace: None,
+        last_seen: ALIVE,
     });
     f.push(Fixture {
         // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header, as NICs do.
@@ -465,6 +529,7 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassTruncated,
         userspace: None,
+        last_seen: ALIVE,
     });
 
     let mut ipv6 = whole.clone();
@@ -477,8 +542,104 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassNotIpv4,
         userspace: None,
+        last_seen: ALIVE,
     });
+
+    policy_fixtures(&mut f, &payload);
     f
+}
+
+/// Each latching policy: a latched source takes the fast path whatever the policy; a new
+/// source is passed up and user space applies the policy.
+fn policy_fixtures(f: &mut Vec<Fixture>, payload: &[u8]) {
+    let fwd = |from_leg, from: &str, to: &str, latched| {
+        Some(Decision::Forward {
+            from_leg,
+            from: sa(from),
+            to: sa(to),
+            latched,
+        })
+    };
+    // A source the channel has not latched, on the Internet side.
+    let stranger = |port: u16| {
+        FrameSpec::udp(
+            v4("198.51.100.10:7777"),
+            SocketAddrV4::new(netns::RELAY_HOME_ADDR, port),
+            payload,
+        )
+    };
+    for (name, port) in [
+        ("Strict: the given address takes the fast path", 30540),
+        ("Handover: the latched source takes the fast path", 30542),
+        ("FirstPacket: the latched source takes the fast path", 30544),
+    ] {
+        let spec = FrameSpec::udp(
+            SocketAddrV4::new(netns::HOME_ADDR, port - 25000),
+            SocketAddrV4::new(netns::RELAY_HOME_ADDR, port),
+            payload,
+        );
+        let office = format!("192.0.2.10:{}", port - 24000);
+        let relay_office = format!("192.0.2.1:{port}");
+        f.push(Fixture {
+            name,
+            ingress: netns::RELAY_IF_HOME,
+            output: Some(expected_output(
+                &spec,
+                &relay_office,
+                &office,
+                netns::RELAY_IF_OFFICE,
+            )),
+            frame: spec.build(),
+            action: XDP_REDIRECT,
+            counter: Counter::Redirect,
+            userspace: fwd(LEG_A, &relay_office, &office, false),
+            last_seen: ALIVE,
+        });
+    }
+    let cases: [(&'static str, u16, [u64; 2], Option<Decision>); 5] = [
+        (
+            "After: a new source's first packet is passed up and dropped while learning",
+            30538,
+            ALIVE,
+            Some(Decision::Drop(DropReason::Learning)),
+        ),
+        (
+            "Strict: any other source is passed up and dropped",
+            30540,
+            ALIVE,
+            Some(Decision::Drop(DropReason::UnknownSource)),
+        ),
+        (
+            "Handover: a new source while the latched one is alive is dropped",
+            30542,
+            [NOW - 100_000_000, NOW],
+            Some(Decision::Drop(DropReason::UnknownSource)),
+        ),
+        (
+            "Handover: a new source after 500 ms of silence takes over the leg",
+            30542,
+            [NOW - 600_000_000, NOW],
+            fwd(LEG_A, "192.0.2.1:30542", "192.0.2.10:6542", true),
+        ),
+        (
+            "FirstPacket: after latching another source is dropped however long the silence",
+            30544,
+            [0, NOW],
+            Some(Decision::Drop(DropReason::UnknownSource)),
+        ),
+    ];
+    for (name, port, last_seen, userspace) in cases {
+        f.push(Fixture {
+            name,
+            ingress: netns::RELAY_IF_HOME,
+            frame: stranger(port).build(),
+            output: None,
+            action: XDP_PASS,
+            counter: Counter::PassUnknownSource,
+            userspace,
+            last_seen,
+        });
+    }
 }
 
 fn a_to_b_frame(payload: &[u8]) -> Vec<u8> {
@@ -555,7 +716,11 @@ fn fixtures_agree_on_xdp_and_userspace() {
                     .find(|(p, _)| *p == port & !1)
                     .unwrap()
                     .1;
-                (decide(ch, port, src), payload)
+                let seen = fx.last_seen;
+                let d = decide(ch, &mut LatchState::default(), port, src, NOW, |leg| {
+                    seen[leg]
+                });
+                (d, payload)
             });
             if us.as_ref().map(|(d, _)| *d) != fx.userspace {
                 errs.push(format!(
@@ -706,6 +871,65 @@ fn cached_next_hops_follow_a_changed_neighbour() {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        xdp.unpin_and_close().unwrap();
+    });
+}
+
+/// The fast path's RTP quality: a crafted sequence with a gap and a late packet, run through
+/// the program, read back from the state map.
+#[test]
+fn xdp_counts_rtp_loss_reordering_and_jitter() {
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let pin = PinDir::new("quality");
+    let pin_path = pin.0.clone();
+    tb.run_in(Host::Relay, move || {
+        let opts = XdpOptions {
+            interfaces: vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()],
+            mode: XdpMode::Generic,
+            pin_dir: Some(pin_path),
+        };
+        let xdp = XdpDataPath::load(&opts, PORT_MIN, PORT_MAX).unwrap();
+        let (port, mut ch) = channels().into_iter().find(|(p, _)| *p == 30528).unwrap();
+        ch.clock_rate = 16_000;
+        xdp.install(port, &ch).unwrap();
+        let home = netns::RELAY_IF_HOME;
+        let send = |payload: &[u8], dport: u16| {
+            // RTCP comes from the peer's RTCP port.
+            let sport = if dport % 2 == 1 { 5005 } else { 5004 };
+            let spec = FrameSpec::udp(
+                SocketAddrV4::new(netns::HOME_ADDR, sport),
+                SocketAddrV4::new(netns::RELAY_HOME_ADDR, dport),
+                payload,
+            );
+            let (action, _) = xdp.test_run(&spec.build(), ifindex(home)).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+        };
+        // 0 1 2 _ 4 5 3 6: seq 3 arrives late (reordered), nothing is lost in the end...
+        // then 9: 7 and 8 are lost.
+        for seq in [0u16, 1, 2, 4, 5, 3, 6, 9] {
+            send(&rtp(seq, 0x5151), 30528);
+        }
+        // Not RTP: RTCP on the odd port, and a version-0 payload on the RTP port. They count
+        // as packets and bytes of the direction, not in the RTP statistics.
+        send(&[0x81, 0xc9, 0, 1, 0, 0, 0, 1], 30529);
+        send(&[0u8; 40], 30528);
+
+        let s = xdp.stats(port).unwrap().from_leg[LEG_A];
+        assert_eq!(s.packets, 10, "{s:?}");
+        assert_eq!(s.rtp.received, 8, "{s:?}");
+        assert_eq!(s.rtp.ext_max_seq, 9, "{s:?}");
+        assert_eq!(s.rtp.run_expected(), 10, "{s:?}");
+        assert_eq!(s.rtp.lost(), 2, "{s:?}");
+        assert_eq!(s.rtp.reordered, 1, "{s:?}");
+        assert!(s.rtp.last_arrival_ns > 0 && s.last_seen_ns > 0, "{s:?}");
+        // The frames arrive microseconds apart while their timestamps step by 160 units, so
+        // every |D| is between 0 and 3 × 160 (the late packet's step): the estimate is
+        // positive and below the largest step.
+        assert!(s.rtp.jitter() > 0, "{s:?}");
+        assert!(s.rtp.jitter() <= 3 * 160, "{s:?}");
+        let other = xdp.stats(port).unwrap().from_leg[1];
+        assert_eq!(other.rtp, relay_common::RtpState::default());
         xdp.unpin_and_close().unwrap();
     });
 }

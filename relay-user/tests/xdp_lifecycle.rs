@@ -36,7 +36,7 @@ fn sample() -> Channel {
             ),
         ],
         flags: 0,
-        reserved: 0,
+        ..Channel::default()
     }
 }
 

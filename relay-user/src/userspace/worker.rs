@@ -6,11 +6,16 @@
 //! buffers are preallocated: `recvmmsg` into them, [`forward::decide`] per datagram, one
 //! `sendmmsg` from the same socket. The only lock it ever takes is the channel snapshot, when a
 //! packet latches an endpoint (once per leg and component, not per packet).
+//!
+//! Sockets are registered edge-triggered: a socket is reported once per arrival edge, so the
+//! worker reads it until the kernel has nothing left (a short batch) or, when it stops early for
+//! fairness, remembers it and comes back after the other ready sockets.
 use std::collections::HashMap;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, PoisonError};
@@ -19,25 +24,30 @@ use relay_common::Channel;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::cmsg::{self, CMSG_CAP, CmsgBuf};
-use super::{ChannelObserver, ChannelShared, WorkerCounters, drop_index};
+use super::{ChannelObserver, ChannelShared, FastPathLastSeen, WorkerCounters, drop_index};
 use crate::DataPathError;
-use crate::forward::{self, Decision, DropReason};
+use crate::forward::{self, Decision, DropReason, LatchState};
 
 /// Receive buffer per datagram. RTP over UDP stays below the path MTU; anything longer is cut
 /// by the kernel (`MSG_TRUNC`), dropped and counted.
 pub(crate) const BUF_LEN: usize = 2048;
-/// Requested `SO_RCVBUF`/`SO_SNDBUF`: absorbs bursts while the worker serves other sockets.
-const SOCKET_BUFFER: libc::c_int = 4 << 20;
-/// Batches read from one socket per wakeup before moving on, so a flood on one channel cannot
-/// starve the others (epoll is level-triggered: the socket is reported again).
+/// Requested `SO_RCVBUF` (the kernel doubles it for its bookkeeping). It bounds the queue a
+/// socket can build while its worker is busy, and so the delay an overloaded worker adds:
+/// datagrams that do not fit are dropped by the kernel on arrival instead of being forwarded
+/// too late to be played. 1 MiB holds about 2,500 datagrams of 200 bytes (about 830 bytes of
+/// kernel memory each on loopback, 1,100 on veth): a stalled worker's backlog, or about 8 ms of
+/// a flood at 250 kpps. 4 MiB let an overloaded socket queue over 30 ms, all of it late.
+const RECV_BUFFER: libc::c_int = 1 << 20;
+/// Requested `SO_SNDBUF`: only datagrams still queued on the way out (qdisc, device) count
+/// against it, so it adds no delay and costs memory only under transmit congestion.
+const SEND_BUFFER: libc::c_int = 4 << 20;
+/// Batches read from one socket per visit before moving on, so a flood on one channel cannot
+/// starve the others; a socket left with data is visited again after the other ready sockets.
 const MAX_BATCHES_PER_WAKE: usize = 8;
 /// epoll events handled per `epoll_wait`.
-const MAX_EVENTS: usize = 64;
+const MAX_EVENTS: usize = 256;
 /// The epoll token of the eventfd; socket tokens never have the top bit set ([`token`]).
 const WAKE_TOKEN: u64 = u64::MAX;
-/// How long a full send buffer (`EAGAIN`) may hold the loop before the rest of a batch is
-/// dropped: one wait per batch, so a stuck socket costs at most this per batch.
-const SEND_WAIT_MS: libc::c_int = 1;
 
 type Reply = SyncSender<Result<(), DataPathError>>;
 
@@ -65,6 +75,7 @@ pub(crate) struct WorkerInit {
     pub(crate) bind_addr: Ipv4Addr,
     pub(crate) batch: usize,
     pub(crate) observer: Option<ChannelObserver>,
+    pub(crate) fast_path_last_seen: Option<FastPathLastSeen>,
 }
 
 /// A channel owned by this worker.
@@ -73,6 +84,8 @@ struct ChannelState {
     port: u16,
     /// The live channel, latched in place by [`forward::decide`].
     channel: Channel,
+    /// The latching policy's memory (sources being learnt, silence checks).
+    latch: LatchState,
     shared: Arc<ChannelShared>,
     /// RTP socket (`port`) and RTCP socket (`port + 1`).
     sockets: [Socket; 2],
@@ -81,10 +94,12 @@ struct ChannelState {
 struct Slot {
     /// Bumped on removal, so an epoll token of a removed channel never matches its successor.
     generation: u32,
+    /// Whether the RTP/RTCP socket is in [`Worker::pending`] (left with data by a visit).
+    pending: [bool; 2],
     state: Option<ChannelState>,
 }
 
-/// Counter increments of one batch, added to the shared atomics once per batch.
+/// Counter increments of one round, added to the shared atomics once per round.
 #[derive(Default)]
 struct Tally {
     rx_packets: u64,
@@ -100,11 +115,17 @@ struct Tally {
     rx_errors: u64,
 }
 
+/// Adds `v` to a counter this thread alone writes: a plain load and store, no locked
+/// read-modify-write (readers on other threads still see whole values).
+fn bump(a: &AtomicU64, v: u64) {
+    a.store(a.load(Relaxed).wrapping_add(v), Relaxed);
+}
+
 impl Tally {
     fn flush(&mut self, c: &WorkerCounters) {
-        fn add(a: &std::sync::atomic::AtomicU64, v: &mut u64) {
+        fn add(a: &AtomicU64, v: &mut u64) {
             if *v != 0 {
-                a.fetch_add(*v, Relaxed);
+                bump(a, *v);
                 *v = 0;
             }
         }
@@ -124,22 +145,24 @@ impl Tally {
     }
 }
 
-/// Preallocated `recvmmsg`/`sendmmsg` state for one batch. The kernel-facing pointers are
-/// rebuilt before every call from the vectors' current addresses, so no stored pointer can go
-/// stale.
+/// Preallocated `recvmmsg`/`sendmmsg` state for one batch.
+///
+/// The message headers point into the other arrays, once and for all ([`Batch::new`]): boxed
+/// slices cannot grow, so their heap memory never moves (moving the `Batch` moves only the
+/// boxes). Per call only lengths and addresses change.
 struct Batch {
     cap: usize,
-    bufs: Vec<[u8; BUF_LEN]>,
-    rx_names: Vec<libc::sockaddr_in>,
-    rx_iov: Vec<libc::iovec>,
-    rx_cmsg: Vec<CmsgBuf>,
-    rx_msgs: Vec<libc::mmsghdr>,
-    tx_names: Vec<libc::sockaddr_in>,
-    tx_iov: Vec<libc::iovec>,
-    tx_cmsg: Vec<CmsgBuf>,
-    tx_msgs: Vec<libc::mmsghdr>,
+    bufs: Box<[[u8; BUF_LEN]]>,
+    rx_names: Box<[libc::sockaddr_in]>,
+    rx_iov: Box<[libc::iovec]>,
+    rx_cmsg: Box<[CmsgBuf]>,
+    rx_msgs: Box<[libc::mmsghdr]>,
+    tx_names: Box<[libc::sockaddr_in]>,
+    tx_iov: Box<[libc::iovec]>,
+    tx_cmsg: Box<[CmsgBuf]>,
+    tx_msgs: Box<[libc::mmsghdr]>,
     /// Direction (`from_leg`) of each queued datagram, for the per-channel counters.
-    tx_leg: Vec<usize>,
+    tx_leg: Box<[usize]>,
     /// Datagrams queued in `tx_*`.
     queued: usize,
 }
@@ -154,53 +177,55 @@ fn zeroed_mmsghdr() -> libc::mmsghdr {
     unsafe { std::mem::zeroed() }
 }
 
+const SOCKADDR_IN_LEN: libc::socklen_t = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+
 impl Batch {
     fn new(cap: usize) -> Self {
         let iov = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
-        Self {
+        let mut b = Self {
             cap,
-            bufs: vec![[0; BUF_LEN]; cap],
-            rx_names: vec![zeroed_sockaddr(); cap],
-            rx_iov: vec![iov; cap],
-            rx_cmsg: vec![CmsgBuf::ZERO; cap],
+            bufs: vec![[0; BUF_LEN]; cap].into(),
+            rx_names: vec![zeroed_sockaddr(); cap].into(),
+            rx_iov: vec![iov; cap].into(),
+            rx_cmsg: vec![CmsgBuf::ZERO; cap].into(),
             rx_msgs: (0..cap).map(|_| zeroed_mmsghdr()).collect(),
-            tx_names: vec![zeroed_sockaddr(); cap],
-            tx_iov: vec![iov; cap],
-            tx_cmsg: vec![CmsgBuf::ZERO; cap],
+            tx_names: vec![zeroed_sockaddr(); cap].into(),
+            tx_iov: vec![iov; cap].into(),
+            tx_cmsg: vec![CmsgBuf::ZERO; cap].into(),
             tx_msgs: (0..cap).map(|_| zeroed_mmsghdr()).collect(),
-            tx_leg: vec![0; cap],
+            tx_leg: vec![0; cap].into(),
             queued: 0,
-        }
-    }
-
-    /// Points every receive message at its buffer, name and control buffer, with full lengths
-    /// (the kernel overwrites `msg_namelen`, `msg_controllen` and `msg_flags` on return).
-    fn prepare_rx(&mut self) {
-        let bufs = self.bufs.as_mut_ptr();
-        let names = self.rx_names.as_mut_ptr();
-        let iovs = self.rx_iov.as_mut_ptr();
-        let cmsgs = self.rx_cmsg.as_mut_ptr();
-        for i in 0..self.cap {
-            // SAFETY: `i < cap`, the length of every vector here, so each `add(i)` stays in its
-            // allocation; the pointers are only stored, not dereferenced, here.
-            let (buf, name, iov, cm) =
-                unsafe { (bufs.add(i), names.add(i), iovs.add(i), cmsgs.add(i)) };
-            self.rx_iov[i] = libc::iovec {
-                iov_base: buf.cast(),
+        };
+        for i in 0..cap {
+            b.rx_iov[i] = libc::iovec {
+                iov_base: b.bufs[i].as_mut_ptr().cast(),
                 iov_len: BUF_LEN,
             };
-            let h = &mut self.rx_msgs[i].msg_hdr;
-            h.msg_name = name.cast();
-            h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = iov;
+            let h = &mut b.rx_msgs[i].msg_hdr;
+            h.msg_name = (&raw mut b.rx_names[i]).cast();
+            h.msg_iov = &raw mut b.rx_iov[i];
             h.msg_iovlen = 1;
-            h.msg_control = cm.cast();
-            h.msg_controllen = CMSG_CAP as _;
-            h.msg_flags = 0;
-            self.rx_msgs[i].msg_len = 0;
+            h.msg_control = (&raw mut b.rx_cmsg[i]).cast();
+            let h = &mut b.tx_msgs[i].msg_hdr;
+            h.msg_name = (&raw mut b.tx_names[i]).cast();
+            h.msg_namelen = SOCKADDR_IN_LEN;
+            h.msg_iov = &raw mut b.tx_iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = (&raw mut b.tx_cmsg[i]).cast();
+        }
+        b.reset_rx(cap);
+        b
+    }
+
+    /// Restores the full name and control lengths of the first `n` receive messages, which the
+    /// kernel overwrote with what it returned (it writes nothing into messages it did not fill).
+    fn reset_rx(&mut self, n: usize) {
+        for m in &mut self.rx_msgs[..n] {
+            m.msg_hdr.msg_namelen = SOCKADDR_IN_LEN;
+            m.msg_hdr.msg_controllen = CMSG_CAP as _;
         }
     }
 
@@ -216,34 +241,16 @@ impl Batch {
     ) {
         let q = self.queued;
         self.tx_names[q] = cmsg::to_sockaddr(to);
-        let clen = cmsg::encode_tx(&mut self.tx_cmsg[q], src, tos);
-        self.tx_leg[q] = leg;
-        // SAFETY: `i` and `q` are below `cap`, the length of every vector here; the pointers
-        // are stored for the next `sendmmsg`, which runs before the buffers are reused.
-        let (buf, name, iov, cm) = unsafe {
-            (
-                self.bufs.as_mut_ptr().add(i),
-                self.tx_names.as_mut_ptr().add(q),
-                self.tx_iov.as_mut_ptr().add(q),
-                self.tx_cmsg.as_mut_ptr().add(q),
-            )
-        };
         self.tx_iov[q] = libc::iovec {
-            iov_base: buf.cast(),
+            iov_base: self.bufs[i].as_mut_ptr().cast(),
             iov_len: len,
         };
-        let h = &mut self.tx_msgs[q].msg_hdr;
-        h.msg_name = name.cast();
-        h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        h.msg_iov = iov;
-        h.msg_iovlen = 1;
-        h.msg_control = if clen == 0 {
-            std::ptr::null_mut()
-        } else {
-            cm.cast()
-        };
-        h.msg_controllen = clen as _;
-        h.msg_flags = 0;
+        // The sockets never set IP_TOS, so they send with TOS 0 unless told otherwise: a zero
+        // byte needs no control message.
+        let tos = tos.filter(|&t| t != 0);
+        self.tx_msgs[q].msg_hdr.msg_controllen =
+            cmsg::encode_tx(&mut self.tx_cmsg[q], src, tos) as _;
+        self.tx_leg[q] = leg;
         self.queued += 1;
     }
 }
@@ -305,19 +312,19 @@ fn setsockopt_int(
     }
 }
 
-/// A relay socket: non-blocking, close-on-exec, large buffers, TOS reported, bound to `addr`
+/// A relay socket: non-blocking, close-on-exec, bounded buffers, TOS reported, bound to `addr`
 /// (no `SO_REUSEADDR`/`SO_REUSEPORT`: a port in use is an error, not a shared port).
 fn open_socket(addr: SocketAddrV4) -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     let fd = s.as_raw_fd();
     // Best effort: the *FORCE variants exceed net.core.[rw]mem_max but need CAP_NET_ADMIN;
     // otherwise the kernel caps the plain request at the sysctl.
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    for (force, plain, size) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, RECV_BUFFER),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SEND_BUFFER),
     ] {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, size).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, size);
         }
     }
     setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)?;
@@ -325,11 +332,8 @@ fn open_socket(addr: SocketAddrV4) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
+fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: `ev` is a valid epoll_event for the duration of the call; both fds are open.
     let rc = unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) };
     if rc == 0 {
@@ -339,14 +343,26 @@ fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, token: u64) -> io::Result
     }
 }
 
-/// Registers `fd` in `epoll` for readability under `token` (level-triggered).
-pub(crate) fn epoll_add(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
-    epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, token)
+/// Registers a relay socket in `epoll` for readability under `token`, edge-triggered.
+fn epoll_add_socket(epoll: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll_ctl(
+        epoll,
+        libc::EPOLL_CTL_ADD,
+        fd,
+        (libc::EPOLLIN | libc::EPOLLET) as u32,
+        token,
+    )
 }
 
-/// Registers the eventfd of a worker.
+/// Registers the eventfd of a worker (level-triggered: it stays reported until read).
 pub(crate) fn epoll_add_wake(epoll: RawFd, wake: RawFd) -> io::Result<()> {
-    epoll_add(epoll, wake, WAKE_TOKEN)
+    epoll_ctl(
+        epoll,
+        libc::EPOLL_CTL_ADD,
+        wake,
+        libc::EPOLLIN as u32,
+        WAKE_TOKEN,
+    )
 }
 
 /// Generations are compared modulo 2^31 so a socket token never has the top bit set, which
@@ -365,6 +381,15 @@ fn untoken(token: u64) -> (u32, usize, usize) {
     )
 }
 
+/// What a visit left on a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Visit {
+    /// Read until the kernel had nothing more (or the channel is gone).
+    Drained,
+    /// Stopped after [`MAX_BATCHES_PER_WAKE`] batches: there may be more.
+    More,
+}
+
 pub(crate) struct Worker {
     epoll: OwnedFd,
     wake: Arc<OwnedFd>,
@@ -372,11 +397,16 @@ pub(crate) struct Worker {
     counters: Arc<WorkerCounters>,
     bind_addr: Ipv4Addr,
     observer: Option<ChannelObserver>,
+    fast_path_last_seen: Option<FastPathLastSeen>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     by_port: HashMap<u16, usize>,
     batch: Batch,
     tally: Tally,
+    /// Sockets a visit left with data, to visit again after the other ready sockets.
+    pending: Vec<u64>,
+    /// `CLOCK_MONOTONIC` when the current round's events arrived (one clock read per round).
+    now: u64,
 }
 
 impl Worker {
@@ -388,11 +418,14 @@ impl Worker {
             counters: init.counters,
             bind_addr: init.bind_addr,
             observer: init.observer,
+            fast_path_last_seen: init.fast_path_last_seen,
             slots: Vec::new(),
             free: Vec::new(),
             by_port: HashMap::new(),
             batch: Batch::new(init.batch),
             tally: Tally::default(),
+            pending: Vec::new(),
+            now: 0,
         }
     }
 
@@ -400,14 +433,17 @@ impl Worker {
     pub(crate) fn run(mut self) {
         // SAFETY: an all-zero epoll_event is valid.
         let mut events = [unsafe { std::mem::zeroed::<libc::epoll_event>() }; MAX_EVENTS];
+        let mut revisit = Vec::new();
         loop {
+            // With sockets still pending, only look for new events; otherwise sleep.
+            let timeout = if self.pending.is_empty() { -1 } else { 0 };
             // SAFETY: `events` is writable for MAX_EVENTS entries.
             let n = unsafe {
                 libc::epoll_wait(
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     MAX_EVENTS as i32,
-                    -1,
+                    timeout,
                 )
             };
             if n < 0 {
@@ -422,13 +458,21 @@ impl Worker {
                 );
                 return;
             }
+            self.now = monotonic_ns();
             let mut woken = false;
+            // Sockets left over from the last round first, then the newly ready ones.
+            std::mem::swap(&mut revisit, &mut self.pending);
+            for t in revisit.drain(..) {
+                let (_, slot, component) = untoken(t);
+                self.slots[slot].pending[component] = false;
+                self.visit(t);
+            }
             for ev in &events[..n as usize] {
                 let t = ev.u64;
                 if t == WAKE_TOKEN {
                     woken = true;
                 } else {
-                    self.service(t);
+                    self.visit(t);
                 }
             }
             self.tally.flush(&self.counters);
@@ -436,6 +480,18 @@ impl Worker {
             // closed in the same round.
             if woken && !self.run_commands() {
                 return;
+            }
+        }
+    }
+
+    /// Services the socket behind `t`, and queues it for the next round if it may have more.
+    fn visit(&mut self, t: u64) {
+        if self.service(t) == Visit::More {
+            let (_, slot, component) = untoken(t);
+            let s = &mut self.slots[slot];
+            if !s.pending[component] {
+                s.pending[component] = true;
+                self.pending.push(t);
             }
         }
     }
@@ -477,6 +533,7 @@ impl Worker {
         {
             // Replace the configuration; sockets (and their queued datagrams) stay.
             st.channel = channel;
+            st.latch = LatchState::default();
             st.shared = shared;
             *st.shared
                 .channel
@@ -497,6 +554,7 @@ impl Worker {
             None => {
                 self.slots.push(Slot {
                     generation: 0,
+                    pending: [false; 2],
                     state: None,
                 });
                 self.slots.len() - 1
@@ -504,8 +562,8 @@ impl Worker {
         };
         let generation = self.slots[slot].generation;
         let ep = self.epoll.as_raw_fd();
-        let registered = epoll_add(ep, rtp.as_raw_fd(), token(generation, slot, 0))
-            .and_then(|()| epoll_add(ep, rtcp.as_raw_fd(), token(generation, slot, 1)));
+        let registered = epoll_add_socket(ep, rtp.as_raw_fd(), token(generation, slot, 0))
+            .and_then(|()| epoll_add_socket(ep, rtcp.as_raw_fd(), token(generation, slot, 1)));
         if let Err(e) = registered {
             // Closing the sockets (on return) also removes them from the epoll set.
             self.slots[slot].generation = generation.wrapping_add(1);
@@ -519,6 +577,7 @@ impl Worker {
         self.slots[slot].state = Some(ChannelState {
             port,
             channel,
+            latch: LatchState::default(),
             shared,
             sockets: [rtp, rtcp],
         });
@@ -533,12 +592,17 @@ impl Worker {
             .ok_or(DataPathError::NotFound(port))?;
         let s = &mut self.slots[slot];
         s.generation = s.generation.wrapping_add(1);
+        if s.pending != [false; 2] {
+            s.pending = [false; 2];
+            self.pending.retain(|&t| untoken(t).1 != slot);
+        }
         if let Some(st) = s.state.take() {
             for sock in &st.sockets {
                 let _ = epoll_ctl(
                     self.epoll.as_raw_fd(),
                     libc::EPOLL_CTL_DEL,
                     sock.as_raw_fd(),
+                    0,
                     0,
                 );
             }
@@ -548,8 +612,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Reads, decides and forwards everything waiting on the socket behind `token`.
-    fn service(&mut self, token: u64) {
+    /// Reads, decides and forwards what is waiting on the socket behind `token`: until the
+    /// kernel has no more, or for at most [`MAX_BATCHES_PER_WAKE`] batches.
+    fn service(&mut self, token: u64) -> Visit {
         let (generation, slot, component) = untoken(token);
         let Self {
             slots,
@@ -557,9 +622,12 @@ impl Worker {
             tally,
             counters,
             observer,
+            fast_path_last_seen,
             bind_addr,
+            now,
             ..
         } = self;
+        let now = *now;
         let Some(st) = slots
             .get_mut(slot)
             .filter(|s| s.generation & GENERATION_MASK == generation)
@@ -568,15 +636,14 @@ impl Worker {
             // Cannot happen while commands run between rounds; kept so a stale token is
             // counted rather than read from a recycled slot.
             tally.no_channel += 1;
-            return;
+            return Visit::Drained;
         };
-        let wildcard = bind_addr.is_unspecified();
+        let pktinfo = bind_addr.is_unspecified();
         let fd = st.sockets[component].as_raw_fd();
         let relay_port = st.port + component as u16;
         for _ in 0..MAX_BATCHES_PER_WAKE {
-            batch.prepare_rx();
             // SAFETY: `rx_msgs` holds `cap` headers pointing at live buffers of the stated sizes
-            // (prepare_rx); MSG_DONTWAIT makes the call non-blocking; no timeout pointer.
+            // (Batch::new, reset_rx); MSG_DONTWAIT makes the call non-blocking; no timeout.
             let n = unsafe {
                 libc::recvmmsg(
                     fd,
@@ -588,22 +655,18 @@ impl Worker {
             };
             if n < 0 {
                 match errno() {
+                    libc::EAGAIN => return Visit::Drained,
                     libc::EINTR => continue,
-                    libc::EAGAIN => break,
-                    // E.g. a pending ICMP error: reading it clears it; nothing was received.
+                    // E.g. a pending ICMP error: reading it clears it; datagrams may follow.
                     _ => {
                         tally.rx_errors += 1;
-                        break;
+                        continue;
                     }
                 }
             }
             let n = n as usize;
-            if n == 0 {
-                break;
-            }
             tally.rx_batches += 1;
             tally.rx_packets += n as u64;
-            let now = monotonic_ns();
             for i in 0..n {
                 let m = &batch.rx_msgs[i];
                 let len = m.msg_len as usize;
@@ -621,30 +684,55 @@ impl Worker {
                 }
                 let tos = cmsg::decode_tos(&batch.rx_cmsg[i], controllen(&m.msg_hdr));
                 let before = st.channel;
-                let latched =
-                    match forward::decide(&mut st.channel, relay_port, SocketAddr::V4(src)) {
-                        Decision::Forward {
-                            from_leg,
-                            from,
-                            to,
-                            latched,
-                        } => {
-                            match to {
-                                SocketAddr::V4(to) => {
-                                    let src = if wildcard { source_for(from) } else { None };
-                                    batch.queue(i, len, to, src, tos, from_leg);
+                // Handover only, for a packet from no latched source: when was each leg last
+                // heard on either path.
+                let (shared, port) = (&st.shared, st.port);
+                let last_seen = |leg: usize| {
+                    let fast = fast_path_last_seen
+                        .as_ref()
+                        .and_then(|f| f(port))
+                        .map_or(0, |t| t[leg & 1]);
+                    shared.stats[leg & 1].last_seen_ns.load(Relaxed).max(fast)
+                };
+                let decision = forward::decide(
+                    &mut st.channel,
+                    &mut st.latch,
+                    relay_port,
+                    SocketAddr::V4(src),
+                    now,
+                    last_seen,
+                );
+                let latched = match decision {
+                    Decision::Forward {
+                        from_leg,
+                        from,
+                        to,
+                        latched,
+                    } => {
+                        match to {
+                            SocketAddr::V4(to) => {
+                                if component == 0 {
+                                    st.shared.record_rtp(
+                                        from_leg,
+                                        &batch.bufs[i][..len],
+                                        now,
+                                        st.channel.clock_rate,
+                                    );
                                 }
-                                // An IPv6 peer cannot be reached from an IPv4 socket.
-                                SocketAddr::V6(_) => tally.send_errors += 1,
+                                let src = if pktinfo { source_for(from) } else { None };
+                                batch.queue(i, len, to, src, tos, from_leg);
                             }
-                            latched
+                            // An IPv6 peer cannot be reached from an IPv4 socket.
+                            SocketAddr::V6(_) => tally.send_errors += 1,
                         }
-                        Decision::Drop(reason) => {
-                            tally.dropped[drop_index(reason)] += 1;
-                            // DestinationUnknown may still have learnt the source.
-                            st.channel != before
-                        }
-                    };
+                        latched
+                    }
+                    Decision::Drop(reason) => {
+                        tally.dropped[drop_index(reason)] += 1;
+                        // DestinationUnknown may still have learnt the source.
+                        st.channel != before
+                    }
+                };
                 if latched {
                     // Forward first (the packet that taught us the address), then publish.
                     flush_tx(fd, batch, st, tally, now);
@@ -660,16 +748,20 @@ impl Worker {
                 }
             }
             flush_tx(fd, batch, st, tally, now);
+            batch.reset_rx(n);
+            // A short batch: the kernel ran out of datagrams (the next arrival is a new edge).
             if n < batch.cap {
-                break;
+                return Visit::Drained;
             }
         }
+        Visit::More
     }
 }
 
 /// Sends every queued datagram with as few `sendmmsg` calls as the kernel allows, then credits
 /// what was sent to the channel's and the worker's counters. A failed datagram is counted and
-/// skipped; it never stops the batch.
+/// skipped; it never stops the batch. A full send buffer (`EAGAIN`) drops the rest of the
+/// batch: waiting for room would hold up every other channel of this worker.
 fn flush_tx(fd: RawFd, batch: &mut Batch, st: &ChannelState, tally: &mut Tally, now: u64) {
     let total = batch.queued;
     if total == 0 {
@@ -677,7 +769,6 @@ fn flush_tx(fd: RawFd, batch: &mut Batch, st: &ChannelState, tally: &mut Tally, 
     }
     let mut sent = [(0u64, 0u64); 2];
     let mut off = 0;
-    let mut waited = false;
     while off < total {
         // SAFETY: messages `off..total` were filled by `queue` and point at live buffers.
         let r = unsafe {
@@ -699,17 +790,6 @@ fn flush_tx(fd: RawFd, batch: &mut Batch, st: &ChannelState, tally: &mut Tally, 
         }
         match errno() {
             libc::EINTR => {}
-            libc::EAGAIN if !waited => {
-                // Send buffer full: give the device queue a moment, once per batch.
-                waited = true;
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; bounded timeout.
-                unsafe { libc::poll(&mut pfd, 1, SEND_WAIT_MS) };
-            }
             libc::EAGAIN => {
                 tally.send_errors += (total - off) as u64;
                 break;
@@ -725,8 +805,8 @@ fn flush_tx(fd: RawFd, batch: &mut Batch, st: &ChannelState, tally: &mut Tally, 
     batch.queued = 0;
     for (dir, &(p, b)) in st.shared.stats.iter().zip(sent.iter()) {
         if p != 0 {
-            dir.packets.fetch_add(p, Relaxed);
-            dir.bytes.fetch_add(b, Relaxed);
+            bump(&dir.packets, p);
+            bump(&dir.bytes, b);
             dir.last_seen_ns.store(now, Relaxed);
             tally.forwarded_packets += p;
             tally.forwarded_bytes += b;
