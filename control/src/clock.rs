@@ -8,18 +8,7 @@
 //! on Linux too, but std does not promise it, so nothing here relies on it.
 use std::time::{Duration, Instant, SystemTime};
 
-/// `CLOCK_MONOTONIC` in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
+pub use relay_user::datapath::monotonic_ns;
 
 /// The three clocks read at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,7 +26,6 @@
 //! relay namespace (the default listen address, no authentication needed); the demo reaches it
 //! from a thread that entered that namespace.
 mod media;
-mod pinned;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -53,7 +52,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::client::{self, Client, Connection};
 use crate::config::DEFAULT_LISTEN;
 use media::{Direction, Media, PACKET_LEN};
-use pinned::FastPathStats;
+use relay_user::xdp::PinnedStats as FastPathStats;
 
 /// `homerelay demo`.
 #[derive(Clone, Debug, clap::Args)]

@@ -37,3 +37,17 @@ pub trait DataPath: Send + Sync {
     /// Packets and bytes this path forwarded for the channel on `port`, by direction.
     fn stats(&self, port: u16) -> Result<ChannelStats, DataPathError>;
 }
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of [`relay_common::DirectionStats::last_seen_ns`]
+/// on both data paths (`bpf_ktime_get_ns` / `bpf_ktime_get_coarse_ns` in the XDP program).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}

@@ -624,3 +624,41 @@ pub fn attach_pass_program(iface: &str, mode: XdpMode) -> anyhow::Result<PassGua
         netns: current_netns(),
     })
 }
+
+/// A view of the fast path's per-channel counters through the pinned state map of a relay that
+/// may run in another process (e.g. `homerelay run`): what the XDP program alone forwarded.
+/// Only ever reads; the relay that pinned the map stays its one user-space writer.
+pub struct PinnedStats {
+    state: Array<MapData, ChannelState>,
+}
+
+impl std::fmt::Debug for PinnedStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedStats").finish_non_exhaustive()
+    }
+}
+
+impl PinnedStats {
+    /// Opens `<pin_dir>/HR_CHAN_STATE`; fails if it is missing or not of this version's layout.
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let path = pin_dir.join(CHANNEL_STATS_MAP);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening the pinned map {}", path.display()))?;
+        let state = Array::try_from(aya::maps::Map::Array(data)).with_context(|| {
+            format!(
+                "{} is not the fast path's state array of this version",
+                path.display()
+            )
+        })?;
+        Ok(Self { state })
+    }
+
+    /// What the fast path forwarded on the channel owning `port`, by direction.
+    pub fn get(&self, port: u16) -> anyhow::Result<ChannelStats> {
+        Ok(self
+            .state
+            .get(&channel_index(port), 0)
+            .with_context(|| format!("looking up channel {port} in the fast path's state"))?
+            .stats)
+    }
+}

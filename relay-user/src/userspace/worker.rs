@@ -26,6 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::cmsg::{self, CMSG_CAP, CmsgBuf};
 use super::{ChannelObserver, ChannelShared, FastPathLastSeen, WorkerCounters, drop_index};
 use crate::DataPathError;
+use crate::datapath::monotonic_ns;
 use crate::forward::{self, Decision, DropReason, LatchState};
 
 /// Receive buffer per datagram. RTP over UDP stays below the path MTU; anything longer is cut
@@ -274,19 +275,6 @@ fn controllen(h: &libc::msghdr) -> usize {
 
 fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 fn setsockopt_int(
