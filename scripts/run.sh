@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "run.sh: run as root (sudo scripts/run.sh): installing the toolchain and loading XDP need it" >&2
+  # A root shell needs no sudo (a fresh Debian image has none); a user account with sudo
+  # re-runs this script through it.
+  if command -v sudo >/dev/null 2>&1; then exec sudo -E "$0" "$@"; fi
+  echo "run.sh: run as root: installing the toolchain and loading XDP need it" >&2
   exit 1
 fi
 ./scripts/bootstrap.sh

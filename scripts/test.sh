@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "test.sh: run as root (sudo scripts/test.sh): the data-plane tests need BPF, XDP and network namespaces" >&2
+  # A root shell needs no sudo (a fresh Debian image has none); a user account with sudo
+  # re-runs this script through it.
+  if command -v sudo >/dev/null 2>&1; then exec sudo -E "$0" "$@"; fi
+  echo "test.sh: run as root: the data-plane tests need BPF, XDP and network namespaces" >&2
   exit 1
 fi
 ./scripts/bootstrap.sh

@@ -11,7 +11,7 @@
 //! does not include the ring's block-retire delay or the receiver's own scheduling.
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Context;
 
@@ -239,6 +239,10 @@ pub struct ReceiverConfig {
     pub core: Option<usize>,
     /// Set by the caller once the sender is done and in-flight packets had time to arrive.
     pub stop: Arc<AtomicBool>,
+    /// Measurement-window probes of this run's flows seen so far, whatever their fate (on
+    /// time, late, duplicate, damaged): the caller stops draining once it reaches what was
+    /// sent. Published after every ring block.
+    pub arrived: Arc<AtomicU64>,
 }
 
 /// Per-path counters of measurement-window probes.
@@ -267,6 +271,8 @@ pub struct ReceiverReport {
     pub ring_drops: u64,
     /// Packets whose kernel timestamp was unusable; the read time was used instead.
     pub timestamp_fallbacks: u64,
+    /// Measurement-window probes of known flows, whatever their fate.
+    pub arrived: u64,
     pub tid: i32,
 }
 
@@ -323,6 +329,7 @@ pub fn run(mut cfg: ReceiverConfig) -> anyhow::Result<ReceiverReport> {
                     }
                 }
                 ring.release(desc);
+                cfg.arrived.store(report.arrived, Ordering::Release);
             }
         }
         if stopping && !progressed {
@@ -356,6 +363,9 @@ fn handle(
     };
     let path = &mut report.paths[exp.path.index()];
     let measured = rx.probe.measured;
+    if measured {
+        report.arrived += 1;
+    }
     let count = |c: &mut u64| {
         if measured {
             *c += 1;
