@@ -136,8 +136,7 @@ impl ChannelService for Api {
         &self,
         _request: Request<pb::PoolStatusRequest>,
     ) -> Result<Response<pb::PoolStatusResponse>, Status> {
-        Ok(Response::new(convert::pool_to_pb(
-            &self.service.pool().await,
-        )))
+        let pool = self.service.pool().await.map_err(Status::from)?;
+        Ok(Response::new(convert::pool_to_pb(&pool)))
     }
 }

@@ -581,7 +581,10 @@ impl Metrics {
         fast_path_configured: bool,
     ) {
         let Some(r) = &self.inner else { return };
-        let pool = service.pool().await;
+        // A stopping service has no pool to report: the scrape shows what it had.
+        let Ok(pool) = service.pool().await else {
+            return;
+        };
         let s = &pool.status;
         r.gauge(POOL_CAPACITY, &[]).set(s.capacity);
         r.gauge(POOL_SLOTS, &[]).set(s.slots);

@@ -9,14 +9,15 @@
 //! channel the data path inherited from a previous process is removed at start, because the
 //! allocator's state is not persisted.
 //!
-//! Concurrency: one `tokio::sync::Mutex` around the allocator and the per-channel records.
-//! Every operation holds it across its data-path calls, so the allocator and the data path
-//! change together and no release can overtake the install of the same channel. Those calls are
-//! synchronous (binding two sockets, a map update: microseconds, bounded by the data path's own
-//! reply timeout), and nothing is awaited while the lock is held. The tokio mutex rather than
-//! `std`'s: requests queued behind a slow data-path call park as tasks instead of blocking
-//! runtime threads. A dedicated task with a command channel would serialise the same way with
-//! an extra hop per request.
+//! Concurrency: **one owner.** A dedicated thread (`channel-owner`) owns the allocator, the
+//! channel records and every call into the data path; [`Service`] is a cheap handle that sends
+//! it messages and awaits the answer on a oneshot channel. So the allocator and the data path
+//! change together, no release can overtake the install of the same channel, and a data-path
+//! call that blocks (a user-space install waits for its worker) blocks the owner thread — never
+//! a thread of the async runtime, and never a lock anyone else waits on. The owner takes the
+//! messages queued since its last round together (at most [`BATCH`]), then looks at its timers.
+//! Every event is emitted by the owner, so every watcher sees one order: a channel's
+//! `Allocated` before its `Latched` before its `Released`.
 //!
 //! Events: the data path has no event callback, so latching and the move to the fast path are
 //! found by a periodic diff ([`crate::config::EventsSection::poll_interval`], 250 ms by
@@ -41,8 +42,7 @@ use relay_common::{
 };
 use relay_user::forward::Component;
 use relay_user::{DataPath, DataPathError, Relay};
-use tokio::sync::{Mutex, Notify, broadcast, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::allocator::{
     AllocError, Allocator, ChannelInfo, Codec, Kind, Layout, MAX_MEDIA_TIMEOUT, MIN_MEDIA_TIMEOUT,
@@ -437,48 +437,84 @@ impl Default for ServiceOptions {
     }
 }
 
-/// What the service remembers of a live channel besides the allocator's record.
+/// What the owner remembers of a live channel besides the allocator's record.
 #[derive(Debug)]
 struct Record {
     spec: ChannelSpec,
-    /// The idle deadline as of the last look (its entry in `State::due`).
+    /// The idle deadline as of the last look (its entry in `Owner::due`).
     deadline: Instant,
     /// Newest packet time seen in the counters (`CLOCK_MONOTONIC` ns; 0 = none).
     last_seen_ns: u64,
-    /// The channel as of the last diff.
+    /// The channel as of the last look (latch events are what changed since).
     seen: Channel,
-    /// Whether the fast path held it latched at the last diff.
+    /// Whether the fast path held it latched at the last look.
     fast: bool,
 }
 
-#[derive(Debug)]
-struct State {
+/// A request to the owner, with where to send the answer.
+enum Msg {
+    Allocate {
+        request: Request,
+        spec: ChannelSpec,
+        reply: oneshot::Sender<Result<(ChannelView, bool), ServiceError>>,
+    },
+    Update {
+        target: ChannelRef,
+        update: Update,
+        reply: oneshot::Sender<Result<ChannelView, ServiceError>>,
+    },
+    Release {
+        target: ChannelRef,
+        reply: oneshot::Sender<Result<(ChannelView, SystemTime), ServiceError>>,
+    },
+    Get {
+        target: ChannelRef,
+        reply: oneshot::Sender<Result<ChannelView, ServiceError>>,
+    },
+    List {
+        query: ListQuery,
+        reply: oneshot::Sender<Result<Page, ServiceError>>,
+    },
+    Pool {
+        reply: oneshot::Sender<PoolView>,
+    },
+    /// Release every channel and stop; answers how many were released.
+    Shutdown {
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+/// The owner: the one thread that holds the allocator, the channel records and the data path.
+/// Every front end sends it [`Msg`]s; nothing else changes a channel.
+struct Owner {
     allocator: Allocator,
     /// Live channels by RTP port (one relay address: the port is the key).
     records: BTreeMap<u16, Record>,
     /// Idle deadlines, earliest first.
     due: BTreeSet<(Instant, u16)>,
-    /// No new channels: shutting down.
-    closed: bool,
-}
-
-struct Inner {
-    state: Mutex<State>,
     relay: Arc<dyn Dataplane>,
     events: broadcast::Sender<Event>,
-    /// Wakes the timer task when the earliest deadline may have moved.
-    timers: Notify,
-    /// Flips to true at shutdown: ends the timer task and every watch stream.
+    options: ServiceOptions,
+    metrics: Metrics,
+    /// When the data path is next diffed for latch and fast-path changes.
+    next_poll: Instant,
+}
+
+/// The channel service: a handle to the owner thread. Cheap to clone; every clone talks to the
+/// same owner.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    tx: std::sync::mpsc::Sender<Msg>,
+    events: broadcast::Sender<Event>,
+    /// Flips to true at shutdown: ends every watch stream and the servers.
     stopping: watch::Sender<bool>,
     options: ServiceOptions,
     metrics: Metrics,
-}
-
-/// The channel service. Cheap to clone; all clones share one allocator.
-#[derive(Clone)]
-pub struct Service {
-    inner: Arc<Inner>,
-    timer_task: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    owner: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -506,9 +542,8 @@ fn last_seen_ns(stats: &ChannelStats) -> u64 {
 }
 
 impl Service {
-    /// Starts the service on `relay` (inside a tokio runtime: it spawns the timer task).
-    /// Channels the relay inherited from a previous process are removed (see the module
-    /// invariant).
+    /// Starts the service on `relay`: spawns the owner thread. Channels the relay inherited
+    /// from a previous process are removed (see the module invariant).
     pub fn start(
         allocator: Allocator,
         relay: Arc<dyn Dataplane>,
@@ -534,25 +569,44 @@ impl Service {
         }
         let (events, _) = broadcast::channel(options.event_buffer.max(1));
         let (stopping, _) = watch::channel(false);
-        let inner = Arc::new(Inner {
-            state: Mutex::new(State {
-                allocator,
-                records: BTreeMap::new(),
-                due: BTreeSet::new(),
-                closed: false,
-            }),
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = Owner {
+            allocator,
+            records: BTreeMap::new(),
+            due: BTreeSet::new(),
             relay,
-            events,
-            timers: Notify::new(),
-            stopping,
-            options,
-            metrics,
-        });
-        let task = tokio::spawn(Arc::clone(&inner).run_timers());
+            events: events.clone(),
+            options: options.clone(),
+            metrics: metrics.clone(),
+            next_poll: Instant::now() + options.poll_interval,
+        };
+        let thread = std::thread::Builder::new()
+            .name("channel-owner".into())
+            .spawn(move || owner.run(rx))
+            .unwrap_or_else(|e| panic!("cannot start the channel owner thread: {e}"));
         Service {
-            inner,
-            timer_task: Arc::new(std::sync::Mutex::new(Some(task))),
+            inner: Arc::new(Handle {
+                tx,
+                events,
+                stopping,
+                options,
+                metrics,
+                owner: std::sync::Mutex::new(Some(thread)),
+            }),
         }
+    }
+
+    /// Sends a message to the owner and waits for its answer.
+    async fn call<T>(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<T>) -> Msg,
+    ) -> Result<T, ServiceError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .tx
+            .send(msg(reply))
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        answer.await.map_err(|_| ServiceError::ShuttingDown)
     }
 
     /// Allocates a channel for the call leg and installs it; `(channel, created)`. A repeated
@@ -563,51 +617,12 @@ impl Service {
         spec: ChannelSpec,
     ) -> Result<(ChannelView, bool), ServiceError> {
         spec.validate()?;
-        let inner = &self.inner;
-        let mut st = inner.state.lock().await;
-        if st.closed {
-            return Err(ServiceError::ShuttingDown);
-        }
-        let clock = Clock::now();
-        let allocation = st.allocator.allocate(request, clock.instant())?;
-        let port = allocation.channel.slot.port;
-        if !allocation.new {
-            return Ok((inner.view(&st, port, clock)?, false));
-        }
-        let channel = build_channel(&spec, port, &inner.options.relay_addresses);
-        if let Err(e) = inner.relay.install(port, &channel) {
-            // Never leak: the allocation goes with the failed install.
-            if let Err(r) = st
-                .allocator
-                .release(allocation.channel.slot, clock.instant())
-            {
-                log::error!("releasing channel {port} after a failed install: {r}");
-            }
-            return Err(e.into());
-        }
-        let info = &allocation.channel;
-        let deadline = info.last_activity + info.timeout;
-        st.due.insert((deadline, port));
-        st.records.insert(
-            port,
-            Record {
-                spec,
-                deadline,
-                last_seen_ns: 0,
-                seen: channel,
-                fast: false,
-            },
-        );
-        // Wake the timer task only for a new earliest deadline: otherwise it wakes in time
-        // anyway, and each wake-up takes the lock again (a cost on every allocation).
-        let earliest = st.due.first() == Some(&(deadline, port));
-        let view = inner.view(&st, port, clock)?;
-        drop(st);
-        if earliest {
-            inner.timers.notify_one();
-        }
-        inner.emit(EventKind::Allocated, view.clone());
-        Ok((view, true))
+        self.call(|reply| Msg::Allocate {
+            request,
+            spec,
+            reply,
+        })
+        .await?
     }
 
     /// Changes a channel (see [`Update`]); legs not replaced keep what the relay learnt.
@@ -619,46 +634,12 @@ impl Service {
         if let Some(t) = update.timeout {
             check_timeout(t)?;
         }
-        let inner = &self.inner;
-        let mut st = inner.state.lock().await;
-        let clock = Clock::now();
-        let port = st.resolve(&target)?;
-        let record = st
-            .records
-            .get(&port)
-            .ok_or(AllocError::UnknownSlot(slot(port)))?;
-        let mut spec = record.spec.clone();
-        for (i, leg) in update.legs.iter().enumerate() {
-            if let Some(leg) = leg {
-                spec.legs[i] = leg.clone();
-            }
-        }
-        if let Some(l) = update.latching {
-            spec.latching = l;
-        }
-        if let Some(c) = update.clock_rate {
-            spec.clock_rate = c;
-        }
-        spec.validate()?;
-        let mut channel = build_channel(&spec, port, &inner.options.relay_addresses);
-        let current = inner.relay.channel(port).unwrap_or(record.seen);
-        for (i, leg) in update.legs.iter().enumerate() {
-            if leg.is_none() {
-                channel.legs[i] = current.legs[i];
-            }
-        }
-        inner.relay.install(port, &channel)?;
-        if let Some(t) = update.timeout {
-            st.allocator.set_timeout(slot(port), t, clock.instant())?;
-            st.reschedule(port);
-            inner.timers.notify_one();
-        }
-        if let Some(r) = st.records.get_mut(&port) {
-            r.spec = spec;
-            r.seen = channel;
-            r.fast = false;
-        }
-        inner.view(&st, port, clock)
+        self.call(|reply| Msg::Update {
+            target,
+            update,
+            reply,
+        })
+        .await?
     }
 
     /// Releases a channel; returns it with its final counters, and when it was released.
@@ -666,66 +647,22 @@ impl Service {
         &self,
         target: ChannelRef,
     ) -> Result<(ChannelView, SystemTime), ServiceError> {
-        let inner = &self.inner;
-        let mut st = inner.state.lock().await;
-        let clock = Clock::now();
-        let port = st.resolve(&target)?;
-        let view = inner.release_locked(&mut st, port, clock)?;
-        drop(st);
-        inner.metrics.released(Release::Requested);
-        inner.emit(EventKind::Released, view.clone());
-        Ok((view, clock.wall()))
+        self.call(|reply| Msg::Release { target, reply }).await?
     }
 
     /// One channel.
     pub async fn get(&self, target: ChannelRef) -> Result<ChannelView, ServiceError> {
-        let st = self.inner.state.lock().await;
-        let port = st.resolve(&target)?;
-        self.inner.view(&st, port, Clock::now())
+        self.call(|reply| Msg::Get { target, reply }).await?
     }
 
     /// A page of channels in port order.
     pub async fn list(&self, query: ListQuery) -> Result<Page, ServiceError> {
-        let inner = &self.inner;
-        let st = inner.state.lock().await;
-        let clock = Clock::now();
-        let start = query.after.map_or(0, |p| u32::from(p) + 1);
-        let limit = query.limit.max(1);
-        let mut channels = Vec::new();
-        let mut next_after = None;
-        for &port in st.records.keys().filter(|&&p| u32::from(p) >= start) {
-            let view = inner.view(&st, port, clock)?;
-            if (!query.kinds.is_empty() && !query.kinds.contains(&view.info.kind))
-                || (!query.states.is_empty() && !query.states.contains(&view.state))
-            {
-                continue;
-            }
-            if channels.len() == limit {
-                next_after = channels.last().map(ChannelView::port);
-                break;
-            }
-            channels.push(view);
-        }
-        Ok(Page {
-            channels,
-            next_after,
-        })
+        self.call(|reply| Msg::List { query, reply }).await?
     }
 
     /// The pool.
-    pub async fn pool(&self) -> PoolView {
-        let inner = &self.inner;
-        let st = inner.state.lock().await;
-        let config = st.allocator.config();
-        PoolView {
-            status: st.allocator.status(Instant::now()),
-            layout: config.layout,
-            layout_name: inner.options.layout_name,
-            upstream_kbps: config.upstream_kbps,
-            codec: config.codec,
-            data_path: inner.relay.name(),
-            fast_path_unavailable: inner.relay.fast_path_unavailable(),
-        }
+    pub async fn pool(&self) -> Result<PoolView, ServiceError> {
+        self.call(|reply| Msg::Pool { reply }).await
     }
 
     /// A subscription to the event stream, from now on.
@@ -736,34 +673,26 @@ impl Service {
         }
     }
 
-    /// Stops taking requests, ends the timer task and every watch stream, and releases every
-    /// channel from the data path (emitting `Released` events). Returns how many were released.
+    /// Stops taking requests, ends every watch stream, and releases every channel from the
+    /// data path (emitting `Released` events). Returns how many were released. Idempotent.
     pub async fn shutdown(&self) -> usize {
         let inner = &self.inner;
         inner.stopping.send_replace(true);
-        let task = self
-            .timer_task
+        let released = self
+            .call(|reply| Msg::Shutdown { reply })
+            .await
+            .unwrap_or(0);
+        let thread = inner
+            .owner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(task) = task {
-            if let Err(e) = task.await {
-                log::warn!("timer task: {e}");
-            }
-        }
-        let mut st = inner.state.lock().await;
-        st.closed = true;
-        let clock = Clock::now();
-        let ports: Vec<u16> = st.records.keys().copied().collect();
-        let mut released = 0;
-        for port in ports {
-            match inner.release_locked(&mut st, port, clock) {
-                Ok(view) => {
-                    released += 1;
-                    inner.metrics.released(Release::Shutdown);
-                    inner.emit(EventKind::Released, view);
-                }
-                Err(e) => log::warn!("releasing channel {port} at shutdown: {e}"),
+        if let Some(thread) = thread {
+            // The owner has answered and is leaving its loop: joining takes microseconds, but
+            // stays off the runtime's threads all the same.
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                log::error!("the channel owner thread panicked");
             }
         }
         released
@@ -821,7 +750,230 @@ impl Watcher {
     }
 }
 
-impl State {
+/// Most messages the owner takes in one round before it looks at its timers again.
+const BATCH: usize = 256;
+
+impl Owner {
+    /// The owner's loop: messages as they come, idle deadlines and data-path diffs when due.
+    /// Ends after `Shutdown`, or when every [`Service`] handle is gone.
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>) {
+        loop {
+            let now = Instant::now();
+            let wake = self
+                .due
+                .first()
+                .map_or(self.next_poll, |&(at, _)| at.min(self.next_poll));
+            let first = match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(m) => Some(m),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let batch = first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                .take(BATCH);
+            for msg in batch {
+                if let Msg::Shutdown { reply } = msg {
+                    let _ = reply.send(self.release_all());
+                    // Whatever else is queued finds the service gone.
+                    return;
+                }
+                self.handle(msg);
+            }
+            let now = Instant::now();
+            if self.due.first().is_some_and(|&(at, _)| at <= now) {
+                self.sweep();
+            }
+            if now >= self.next_poll {
+                self.diff();
+                self.next_poll = Instant::now() + self.options.poll_interval;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        // A requester that gave up (its call was cancelled) does not need the answer.
+        match msg {
+            Msg::Allocate {
+                request,
+                spec,
+                reply,
+            } => {
+                let _ = reply.send(self.allocate(request, spec));
+            }
+            Msg::Update {
+                target,
+                update,
+                reply,
+            } => {
+                let _ = reply.send(self.update(&target, update));
+            }
+            Msg::Release { target, reply } => {
+                let _ = reply.send(self.release(&target));
+            }
+            Msg::Get { target, reply } => {
+                let result = self
+                    .resolve(&target)
+                    .and_then(|port| self.view(port, Clock::now()));
+                let _ = reply.send(result);
+            }
+            Msg::List { query, reply } => {
+                let _ = reply.send(self.list(&query));
+            }
+            Msg::Pool { reply } => {
+                let _ = reply.send(self.pool());
+            }
+            Msg::Shutdown { reply } => {
+                let _ = reply.send(self.release_all());
+            }
+        }
+    }
+
+    fn allocate(
+        &mut self,
+        request: Request,
+        spec: ChannelSpec,
+    ) -> Result<(ChannelView, bool), ServiceError> {
+        let clock = Clock::now();
+        let allocation = self.allocator.allocate(request, clock.instant())?;
+        let port = allocation.channel.slot.port;
+        if !allocation.new {
+            return Ok((self.view(port, clock)?, false));
+        }
+        let channel = build_channel(&spec, port, &self.options.relay_addresses);
+        if let Err(e) = self.relay.install(port, &channel) {
+            // Never leak: the allocation goes with the failed install.
+            if let Err(r) = self
+                .allocator
+                .release(allocation.channel.slot, clock.instant())
+            {
+                log::error!("releasing channel {port} after a failed install: {r}");
+            }
+            return Err(e.into());
+        }
+        let info = &allocation.channel;
+        let deadline = info.last_activity + info.timeout;
+        self.due.insert((deadline, port));
+        self.records.insert(
+            port,
+            Record {
+                spec,
+                deadline,
+                last_seen_ns: 0,
+                seen: channel,
+                fast: false,
+            },
+        );
+        let view = self.view(port, clock)?;
+        self.emit(EventKind::Allocated, view.clone());
+        Ok((view, true))
+    }
+
+    fn update(&mut self, target: &ChannelRef, update: Update) -> Result<ChannelView, ServiceError> {
+        let clock = Clock::now();
+        let port = self.resolve(target)?;
+        let record = self
+            .records
+            .get(&port)
+            .ok_or(AllocError::UnknownSlot(slot(port)))?;
+        let mut spec = record.spec.clone();
+        for (i, leg) in update.legs.iter().enumerate() {
+            if let Some(leg) = leg {
+                spec.legs[i] = leg.clone();
+            }
+        }
+        if let Some(l) = update.latching {
+            spec.latching = l;
+        }
+        if let Some(c) = update.clock_rate {
+            spec.clock_rate = c;
+        }
+        spec.validate()?;
+        let mut channel = build_channel(&spec, port, &self.options.relay_addresses);
+        let current = self.relay.channel(port).unwrap_or(record.seen);
+        for (i, leg) in update.legs.iter().enumerate() {
+            if leg.is_none() {
+                channel.legs[i] = current.legs[i];
+            }
+        }
+        self.relay.install(port, &channel)?;
+        if let Some(t) = update.timeout {
+            self.allocator.set_timeout(slot(port), t, clock.instant())?;
+            self.reschedule(port);
+        }
+        if let Some(r) = self.records.get_mut(&port) {
+            r.spec = spec;
+            r.seen = channel;
+            r.fast = false;
+        }
+        self.view(port, clock)
+    }
+
+    fn release(&mut self, target: &ChannelRef) -> Result<(ChannelView, SystemTime), ServiceError> {
+        let clock = Clock::now();
+        let port = self.resolve(target)?;
+        let view = self.release_port(port, clock)?;
+        self.metrics.released(Release::Requested);
+        self.emit(EventKind::Released, view.clone());
+        Ok((view, clock.wall()))
+    }
+
+    fn list(&self, query: &ListQuery) -> Result<Page, ServiceError> {
+        let clock = Clock::now();
+        let start = query.after.map_or(0, |p| u32::from(p) + 1);
+        let limit = query.limit.max(1);
+        let mut channels = Vec::new();
+        let mut next_after = None;
+        for &port in self.records.keys().filter(|&&p| u32::from(p) >= start) {
+            let view = self.view(port, clock)?;
+            if (!query.kinds.is_empty() && !query.kinds.contains(&view.info.kind))
+                || (!query.states.is_empty() && !query.states.contains(&view.state))
+            {
+                continue;
+            }
+            if channels.len() == limit {
+                next_after = channels.last().map(ChannelView::port);
+                break;
+            }
+            channels.push(view);
+        }
+        Ok(Page {
+            channels,
+            next_after,
+        })
+    }
+
+    fn pool(&self) -> PoolView {
+        let config = self.allocator.config();
+        PoolView {
+            status: self.allocator.status(Instant::now()),
+            layout: config.layout,
+            layout_name: self.options.layout_name,
+            upstream_kbps: config.upstream_kbps,
+            codec: config.codec,
+            data_path: self.relay.name(),
+            fast_path_unavailable: self.relay.fast_path_unavailable(),
+        }
+    }
+
+    /// Releases every channel (shutdown), emitting `Released` events; how many.
+    fn release_all(&mut self) -> usize {
+        let clock = Clock::now();
+        let ports: Vec<u16> = self.records.keys().copied().collect();
+        let mut released = 0;
+        for port in ports {
+            match self.release_port(port, clock) {
+                Ok(view) => {
+                    released += 1;
+                    self.metrics.released(Release::Shutdown);
+                    self.emit(EventKind::Released, view);
+                }
+                Err(e) => log::warn!("releasing channel {port} at shutdown: {e}"),
+            }
+        }
+        released
+    }
+
     /// The port of the channel `target` names, if it is live.
     fn resolve(&self, target: &ChannelRef) -> Result<u16, ServiceError> {
         match target {
@@ -865,9 +1017,7 @@ impl State {
             self.due.remove(&(r.deadline, port));
         }
     }
-}
 
-impl Inner {
     fn emit(&self, kind: EventKind, channel: ChannelView) {
         log::debug!("channel {} {}", channel.port(), kind.name());
         self.metrics.event(&kind);
@@ -877,12 +1027,12 @@ impl Inner {
     }
 
     /// The channel on `port` as the allocator and the data path see it now.
-    fn view(&self, st: &State, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
-        let info = st
+    fn view(&self, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
+        let info = self
             .allocator
             .get(slot(port))
             .ok_or(AllocError::UnknownSlot(slot(port)))?;
-        let record = st
+        let record = self
             .records
             .get(&port)
             .ok_or(AllocError::UnknownSlot(slot(port)))?;
@@ -912,53 +1062,23 @@ impl Inner {
     }
 
     /// Final view, remove from the data path, release the allocation.
-    fn release_locked(
-        &self,
-        st: &mut State,
-        port: u16,
-        clock: Clock,
-    ) -> Result<ChannelView, ServiceError> {
-        let view = self.view(st, port, clock)?;
+    fn release_port(&mut self, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
+        let view = self.view(port, clock)?;
         match self.relay.remove(port) {
             Ok(()) | Err(DataPathError::NotFound(_)) => {}
             // The channel stays allocated and installed: the client may retry.
             Err(e) => return Err(e.into()),
         }
-        st.allocator.release(slot(port), clock.instant())?;
-        st.forget(port);
+        self.allocator.release(slot(port), clock.instant())?;
+        self.forget(port);
         Ok(view)
     }
 
-    async fn run_timers(self: Arc<Self>) {
-        let mut stopping = self.stopping.subscribe();
-        let mut poll = tokio::time::interval(self.options.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if *stopping.borrow() {
-                return;
-            }
-            let next_due = self.state.lock().await.due.first().map(|&(at, _)| at);
-            let sleep = async {
-                match next_due {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = stopping.changed() => {}
-                _ = self.timers.notified() => {}
-                _ = poll.tick() => self.diff().await,
-                _ = sleep => self.sweep().await,
-            }
-        }
-    }
-
     /// Idle timeouts (see the module summary).
-    async fn sweep(&self) {
-        let mut st = self.state.lock().await;
+    fn sweep(&mut self) {
         let clock = Clock::now();
         let now = clock.instant();
-        let due: Vec<u16> = st
+        let due: Vec<u16> = self
             .due
             .range(..=(now, u16::MAX))
             .map(|&(_, port)| port)
@@ -968,34 +1088,29 @@ impl Inner {
                 continue;
             };
             let seen = last_seen_ns(&stats);
-            let State {
-                allocator, records, ..
-            } = &mut *st;
-            let Some(record) = records.get_mut(&port) else {
+            let Some(record) = self.records.get_mut(&port) else {
                 continue;
             };
             if seen > record.last_seen_ns {
                 record.last_seen_ns = seen;
-                if let Err(e) = allocator.touch(slot(port), clock.instant_of_ns(seen)) {
+                if let Err(e) = self.allocator.touch(slot(port), clock.instant_of_ns(seen)) {
                     log::warn!("touching channel {port}: {e}");
                 }
             }
         }
         // The final view must be taken before the allocator forgets the channel.
-        let views: BTreeMap<u16, ChannelView> = due
+        let mut views: BTreeMap<u16, ChannelView> = due
             .iter()
-            .filter_map(|&port| self.view(&st, port, clock).ok().map(|v| (port, v)))
+            .filter_map(|&port| self.view(port, clock).ok().map(|v| (port, v)))
             .collect();
-        let expired = st.allocator.expire(now);
-        let mut events = Vec::new();
-        for released in expired {
+        for released in self.allocator.expire(now) {
             let port = released.channel.slot.port;
             if let Err(e) = self.relay.remove(port) {
                 if !matches!(e, DataPathError::NotFound(_)) {
                     log::warn!("removing idle channel {port} from the data path: {e}");
                 }
             }
-            st.forget(port);
+            self.forget(port);
             self.metrics.released(Release::IdleTimeout);
             log::info!(
                 "channel {port} ({} {:?}) released after {:?} without media",
@@ -1003,27 +1118,22 @@ impl Inner {
                 released.channel.call_id,
                 released.channel.timeout
             );
-            if let Some(view) = views.get(&port) {
-                events.push(view.clone());
+            if let Some(view) = views.remove(&port) {
+                self.emit(EventKind::IdleTimeout, view);
             }
         }
         for port in due {
-            if st.records.contains_key(&port) {
-                st.reschedule(port);
+            if self.records.contains_key(&port) {
+                self.reschedule(port);
             }
-        }
-        drop(st);
-        for view in events {
-            self.emit(EventKind::IdleTimeout, view);
         }
     }
 
     /// Latch and fast-path events (see the module summary).
-    async fn diff(&self) {
-        let mut st = self.state.lock().await;
+    fn diff(&mut self) {
         let clock = Clock::now();
         let mut found: Vec<(u16, EventKind)> = Vec::new();
-        for (&port, record) in st.records.iter_mut() {
+        for (&port, record) in self.records.iter_mut() {
             let Ok(now) = self.relay.channel(port) else {
                 continue;
             };
@@ -1062,13 +1172,10 @@ impl Inner {
             record.seen = now;
             record.fast = fast;
         }
-        let events: Vec<(EventKind, ChannelView)> = found
-            .into_iter()
-            .filter_map(|(port, kind)| self.view(&st, port, clock).ok().map(|v| (kind, v)))
-            .collect();
-        drop(st);
-        for (kind, view) in events {
-            self.emit(kind, view);
+        for (port, kind) in found {
+            if let Ok(view) = self.view(port, clock) {
+                self.emit(kind, view);
+            }
         }
     }
 }

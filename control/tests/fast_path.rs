@@ -102,7 +102,7 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
             ..ServiceOptions::default()
         },
     );
-    assert_eq!(service.pool().await.data_path, "xdp");
+    assert_eq!(service.pool().await.unwrap().data_path, "xdp");
     let mut watcher = service.watch();
 
     let home_addr: SocketAddr = (netns::HOME_ADDR, 5004).into();

@@ -260,7 +260,7 @@ fn service_memory(cli: &Cli) -> anyhow::Result<ServiceMemory> {
         // Let the event poller run over the full set once (its per-tick buffers count too).
         tokio::time::sleep(std::time::Duration::from_millis(600)).await;
         let (heap1, rss1, slab1) = (heap(), rss(), slab());
-        let in_use = service.pool().await.status.in_use;
+        let in_use = service.pool().await?.status.in_use;
         anyhow::ensure!(in_use == n, "{in_use} channels in use, not {n}");
         let per = |d: i64| d as f64 / f64::from(n - 1);
         let r = ServiceMemory {

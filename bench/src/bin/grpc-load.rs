@@ -488,10 +488,10 @@ fn one_run(cli: &Cli, client_threads: usize) -> anyhow::Result<(RunResult, u32, 
     })?;
     drop(clients_rt);
     let leaked = server.runtime.block_on(async {
-        let in_use = server.service.pool().await.status.in_use;
+        let in_use = server.service.pool().await.map(|p| p.status.in_use);
         server.service.shutdown().await;
         in_use
-    });
+    })?;
     anyhow::ensure!(leaked == 0, "{leaked} channels still in use after the run");
     drop(server.runtime);
     Ok((result, server.capacity, server.server_threads))
