@@ -577,3 +577,59 @@ const _: fn() = || {
     fn send<T: Send>() {}
     send::<Store>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pragma_int(store: &Store, name: &str) -> i64 {
+        store
+            .conn
+            .query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn connection_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("relay.db")).unwrap();
+        let journal: String = store
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        assert_eq!(pragma_int(&store, "synchronous"), 1, "NORMAL");
+        assert_eq!(pragma_int(&store, "foreign_keys"), 1);
+        assert_eq!(pragma_int(&store, "application_id"), 0x4852_4C59);
+
+        // The spelling start_instance uses does select FULL, and it is undone afterwards.
+        store.pragma("synchronous", "FULL").unwrap();
+        assert_eq!(pragma_int(&store, "synchronous"), 2, "FULL");
+        store.pragma("synchronous", "NORMAL").unwrap();
+        store.start_instance().unwrap();
+        assert_eq!(
+            pragma_int(&store, "synchronous"),
+            1,
+            "NORMAL after an instance start"
+        );
+    }
+
+    #[test]
+    fn epoch_limit_is_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("relay.db")).unwrap();
+        store
+            .conn
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'epoch'",
+                [MAX_EPOCH - 1],
+            )
+            .unwrap();
+        let last = store.start_instance().unwrap();
+        assert_eq!(last.epoch, MAX_EPOCH);
+        assert!(last.channel_ids().end - 1 <= i64::MAX as u64);
+        let err = store.start_instance().unwrap_err();
+        assert!(matches!(err, StoreError::EpochExhausted { .. }), "{err:?}");
+        assert_eq!(pragma_int(&store, "synchronous"), 1);
+    }
+}

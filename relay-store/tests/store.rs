@@ -164,6 +164,7 @@ fn creates_private_directory_and_files_in_wal_mode() {
     assert_eq!(mode(&dir.path().join("a/b/relay.db.lock")), 0o600);
     // The WAL exists while the store is open, with the database's mode.
     assert_eq!(mode(&parent.join("relay.db-wal")), 0o600);
+    assert_eq!(mode(&parent.join("relay.db-shm")), 0o600);
 
     // Another connection (an operator's sqlite3 shell) sees WAL mode and can read.
     let peek = rusqlite::Connection::open(&path).unwrap();
