@@ -61,6 +61,29 @@ pub struct Config {
     pub events: EventsSection,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
+    /// The crash-safe state (channel records).
+    pub store: StoreSection,
+}
+
+/// Where the daemon keeps its state by default (systemd's `StateDirectory=homerelay`).
+pub const DEFAULT_STORE: &str = "/var/lib/homerelay/homerelay.db";
+
+/// `[store]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// The SQLite database of live channels (WAL mode; `-wal`, `-shm` and `.lock` files beside
+    /// it). Written before the data path changes, read at start to keep the calls a previous
+    /// process left in the pinned maps. One daemon per file: a second one refuses to start.
+    pub path: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: PathBuf::from(DEFAULT_STORE),
+        }
+    }
 }
 
 /// Built-in port layouts, or a custom range.
@@ -292,6 +315,8 @@ pub struct Overrides {
     pub xdp_interfaces: Option<Vec<String>>,
     pub xdp_mode: Option<XdpMode>,
     pub pin_dir: Option<PathBuf>,
+    /// `--store`: the state database.
+    pub store: Option<PathBuf>,
     /// `--require-xdp` (a flag can only turn it on).
     pub require_xdp: bool,
     pub listen: Option<SocketAddr>,
@@ -351,6 +376,9 @@ impl Config {
         }
         if let Some(p) = o.pin_dir {
             self.xdp.pin_dir = p;
+        }
+        if let Some(p) = o.store {
+            self.store.path = p;
         }
         self.xdp.require |= o.require_xdp;
         if let Some(l) = o.listen {

@@ -15,5 +15,6 @@ pub mod convert;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod persist;
 pub mod server;
 pub mod service;

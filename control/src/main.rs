@@ -85,6 +85,10 @@ struct RunArgs {
     /// bpffs directory for the pinned maps (default /sys/fs/bpf/homerelay).
     #[arg(long, env = "HOMERELAY_PIN_DIR")]
     pin_dir: Option<PathBuf>,
+    /// State database (SQLite) of the live channels, so a restart keeps the calls in progress
+    /// (default /var/lib/homerelay/homerelay.db). One daemon per file.
+    #[arg(long, env = "HOMERELAY_STORE")]
+    store: Option<PathBuf>,
     /// Refuse to start if the XDP fast path cannot be loaded (default: fall back to user space).
     #[arg(long, env = "HOMERELAY_REQUIRE_XDP")]
     require_xdp: bool,
@@ -118,6 +122,7 @@ impl RunArgs {
             xdp_interfaces: (!self.xdp_ifaces.is_empty()).then(|| self.xdp_ifaces.clone()),
             xdp_mode: self.xdp_mode,
             pin_dir: self.pin_dir.clone(),
+            store: self.store.clone(),
             require_xdp: self.require_xdp,
             listen: self.listen,
             token_file: self.token_file.clone(),
