@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::allocator::{
+use proptest::prelude::*;
+use relay_core::allocator::{
     AllocError, Allocator, Codec, Config, Kind, Layout, ReleaseReason, Request, Slot, Status,
 };
-use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // The operation sequences.
