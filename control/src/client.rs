@@ -12,13 +12,14 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, anyhow};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
+use relay_core::{ChannelState, EventKind, Kind};
 use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
-use crate::allocator::Kind;
 use crate::config::DEFAULT_SERVER_URL;
+use crate::convert;
 
 /// How to reach the daemon (flags shared by every client command).
 #[derive(Clone, Debug, clap::Args)]
@@ -148,14 +149,18 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 fn parse_state(s: &str) -> Result<pb::ChannelState, String> {
-    match s {
-        "waiting" => Ok(pb::ChannelState::Waiting),
-        "latched" => Ok(pb::ChannelState::Latched),
-        "fast_path" => Ok(pb::ChannelState::FastPath),
-        _ => Err(format!(
-            "unknown state {s:?} (expected waiting, latched or fast_path)"
-        )),
-    }
+    ChannelState::ALL
+        .into_iter()
+        .find(|state| state.name() == s)
+        .map(convert::state_to_pb)
+        .ok_or_else(|| {
+            let names = ChannelState::ALL.map(ChannelState::name);
+            let (last, rest) = names.split_last().unwrap_or((&"", &[]));
+            format!(
+                "unknown state {s:?} (expected {} or {last})",
+                rest.join(", ")
+            )
+        })
 }
 
 /// Adds the bearer token to every request.
@@ -291,7 +296,7 @@ pub async fn channels(c: &Connection, command: ChannelsCommand) -> anyhow::Resul
                 println!(
                     "{}",
                     if r.created {
-                        "allocated"
+                        EventKind::Allocated.name()
                     } else {
                         "already allocated to this call leg"
                     }
@@ -422,10 +427,13 @@ fn kind_name(k: i32) -> String {
 }
 
 fn state_name(s: i32) -> String {
-    pb::ChannelState::try_from(s).map_or_else(
-        |_| s.to_string(),
-        |s| enum_name(s.as_str_name(), "CHANNEL_STATE_"),
-    )
+    match pb::ChannelState::try_from(s) {
+        Ok(state) => convert::state_of_pb(state).map_or_else(
+            || enum_name(state.as_str_name(), "CHANNEL_STATE_"),
+            |state| state.name().to_owned(),
+        ),
+        Err(_) => s.to_string(),
+    }
 }
 
 fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -490,10 +498,13 @@ pub fn channel_json(c: &pb::Channel) -> Value {
 }
 
 fn event_type_name(t: i32) -> String {
-    pb::EventType::try_from(t).map_or_else(
-        |_| t.to_string(),
-        |t| enum_name(t.as_str_name(), "EVENT_TYPE_"),
-    )
+    match pb::EventType::try_from(t) {
+        Ok(ty) => convert::event_kind_of_pb(ty).map_or_else(
+            || enum_name(ty.as_str_name(), "EVENT_TYPE_"),
+            |kind| kind.name().to_owned(),
+        ),
+        Err(_) => t.to_string(),
+    }
 }
 
 fn latch_text(l: &pb::Latch) -> String {

@@ -15,7 +15,7 @@ use relay_user::RelayOptions;
 use relay_user::xdp::{XdpMode, XdpOptions};
 use serde::{Deserialize, Deserializer};
 
-use crate::allocator::{self, Codec, Layout};
+use relay_core::allocator::{self, Codec, Layout};
 
 /// Where the API listens by default: loopback only, so no authentication is needed. Port 4080
 /// is clear of the registration ports (4062, 4063, 8802).

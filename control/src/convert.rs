@@ -11,12 +11,10 @@ use proto::v1 as pb;
 use relay_common::{Endpoint, Leg};
 use relay_user::forward::Component;
 
-use crate::allocator::{Kind, Request};
+use relay_core::{ChannelSpec, ChannelState, EventKind, Kind, LatchingPolicy, LegSpec, Request};
+
 use crate::error::ServiceError;
-use crate::service::{
-    ChannelRef, ChannelSpec, ChannelState, ChannelView, Event, EventKind, LatchingPolicy, LegSpec,
-    ListQuery, PoolView, Update,
-};
+use crate::service::{ChannelRef, ChannelView, Event, ListQuery, PoolView, Update};
 
 /// Page size when a List request leaves it at 0.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -56,17 +54,23 @@ pub fn kind_to_pb(kind: Kind) -> pb::ChannelKind {
 /// A state from the wire (a filter value).
 pub fn state_from_pb(value: i32, field: &str) -> Result<ChannelState, ServiceError> {
     match pb::ChannelState::try_from(value) {
-        Ok(pb::ChannelState::Waiting) => Ok(ChannelState::Waiting),
-        Ok(pb::ChannelState::Latched) => Ok(ChannelState::Latched),
-        Ok(pb::ChannelState::FastPath) => Ok(ChannelState::FastPath),
-        Ok(pb::ChannelState::Unspecified) => Err(ServiceError::invalid(
-            field,
-            "CHANNEL_STATE_UNSPECIFIED is not a state",
-        )),
+        Ok(s) => state_of_pb(s).ok_or_else(|| {
+            ServiceError::invalid(field, "CHANNEL_STATE_UNSPECIFIED is not a state")
+        }),
         Err(_) => Err(ServiceError::invalid(
             field,
             format!("unknown state {value}"),
         )),
+    }
+}
+
+/// The state a wire state stands for; `None` for `UNSPECIFIED`.
+pub fn state_of_pb(state: pb::ChannelState) -> Option<ChannelState> {
+    match state {
+        pb::ChannelState::Waiting => Some(ChannelState::Waiting),
+        pb::ChannelState::Latched => Some(ChannelState::Latched),
+        pb::ChannelState::FastPath => Some(ChannelState::FastPath),
+        pb::ChannelState::Unspecified => None,
     }
 }
 
@@ -354,31 +358,45 @@ pub fn channel_to_pb(v: &ChannelView) -> pb::Channel {
     }
 }
 
+/// An event kind for the wire.
+pub fn event_kind_to_pb(kind: EventKind) -> pb::EventType {
+    match kind {
+        EventKind::Allocated => pb::EventType::Allocated,
+        EventKind::Latched => pb::EventType::Latched,
+        EventKind::FastPath => pb::EventType::FastPath,
+        EventKind::IdleTimeout => pb::EventType::IdleTimeout,
+        EventKind::Released => pb::EventType::Released,
+    }
+}
+
+/// The event kind a wire event type stands for; `None` for `UNSPECIFIED`.
+pub fn event_kind_of_pb(ty: pb::EventType) -> Option<EventKind> {
+    match ty {
+        pb::EventType::Allocated => Some(EventKind::Allocated),
+        pb::EventType::Latched => Some(EventKind::Latched),
+        pb::EventType::FastPath => Some(EventKind::FastPath),
+        pb::EventType::IdleTimeout => Some(EventKind::IdleTimeout),
+        pb::EventType::Released => Some(EventKind::Released),
+        pb::EventType::Unspecified => None,
+    }
+}
+
 /// An event for the wire.
 pub fn event_to_pb(e: &Event) -> pb::WatchResponse {
-    let (ty, latch) = match e.kind {
-        EventKind::Allocated => (pb::EventType::Allocated, None),
-        EventKind::Latched {
-            leg,
-            component,
-            source,
-        } => (
-            pb::EventType::Latched,
-            Some(pb::Latch {
-                leg: if leg == 0 { pb::LegId::A } else { pb::LegId::B } as i32,
-                component: match component {
-                    Component::Rtp => pb::Component::Rtp,
-                    Component::Rtcp => pb::Component::Rtcp,
-                } as i32,
-                address: source.to_string(),
-            }),
-        ),
-        EventKind::FastPath => (pb::EventType::FastPath, None),
-        EventKind::IdleTimeout => (pb::EventType::IdleTimeout, None),
-        EventKind::Released => (pb::EventType::Released, None),
-    };
+    let latch = e.latch.map(|l| pb::Latch {
+        leg: if l.leg == 0 {
+            pb::LegId::A
+        } else {
+            pb::LegId::B
+        } as i32,
+        component: match l.component {
+            Component::Rtp => pb::Component::Rtp,
+            Component::Rtcp => pb::Component::Rtcp,
+        } as i32,
+        address: l.source.to_string(),
+    });
     pb::WatchResponse {
-        r#type: ty as i32,
+        r#type: event_kind_to_pb(e.kind) as i32,
         channel: Some(channel_to_pb(&e.channel)),
         at: Some(timestamp(e.at)),
         latch,

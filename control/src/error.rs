@@ -4,10 +4,9 @@
 //! it matches every variant of every wrapped error exhaustively, so a new variant cannot reach a
 //! client without a deliberate code. Messages go to the client unchanged (they are lowercase,
 //! name the field or resource, and carry no secrets).
+use relay_core::{AllocError, SpecError};
 use relay_user::DataPathError;
 use tonic::{Code, Status};
-
-use crate::allocator::AllocError;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +43,17 @@ impl ServiceError {
     }
 }
 
+/// A channel spec the core refuses is a malformed request field: `INVALID_ARGUMENT` with the
+/// core's message (`leg_a.rtp_address: ...`).
+impl From<SpecError> for ServiceError {
+    fn from(e: SpecError) -> ServiceError {
+        ServiceError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 /// The status code of an error (see the module invariant).
 pub fn code(e: &ServiceError) -> Code {
     match e {
@@ -52,10 +62,13 @@ pub fn code(e: &ServiceError) -> Code {
                 Code::ResourceExhausted
             }
             AllocError::UnknownSlot(_) | AllocError::UnknownLeg { .. } => Code::NotFound,
-            AllocError::Conflict { .. } => Code::AlreadyExists,
-            AllocError::EmptyCallId | AllocError::TooLong { .. } | AllocError::Timeout { .. } => {
-                Code::InvalidArgument
-            }
+            AllocError::Conflict { .. }
+            | AllocError::SlotTaken(_)
+            | AllocError::LegTaken { .. } => Code::AlreadyExists,
+            AllocError::EmptyCallId
+            | AllocError::TooLong { .. }
+            | AllocError::Timeout { .. }
+            | AllocError::OutsideLayout(_) => Code::InvalidArgument,
         },
         ServiceError::DataPath(d) => match d {
             DataPathError::NotFound(_) => Code::NotFound,
@@ -90,7 +103,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::allocator::{Kind, Slot};
+    use relay_core::{Kind, Slot};
 
     #[test]
     fn every_error_maps_to_its_code_with_its_message() {
@@ -168,6 +181,36 @@ mod tests {
                 .into(),
                 Code::InvalidArgument,
                 "media timeout 0ns is outside 1ms..=86400s",
+            ),
+            (
+                AllocError::OutsideLayout(slot).into(),
+                Code::InvalidArgument,
+                "port 30530 on relay address #0 is not part of the layout",
+            ),
+            (
+                AllocError::SlotTaken(slot).into(),
+                Code::AlreadyExists,
+                "a channel is already in use on port 30530 on relay address #0",
+            ),
+            (
+                AllocError::LegTaken {
+                    call_id: "c".into(),
+                    leg_tag: "t".into(),
+                    slot,
+                }
+                .into(),
+                Code::AlreadyExists,
+                "call id \"c\" leg tag \"t\" already holds the channel on port 30530 on relay \
+                 address #0",
+            ),
+            (
+                SpecError {
+                    field: "leg_b.strict".into(),
+                    reason: "a strict leg needs rtp_address".into(),
+                }
+                .into(),
+                Code::InvalidArgument,
+                "leg_b.strict: a strict leg needs rtp_address",
             ),
             (
                 DataPathError::NotFound(30530).into(),

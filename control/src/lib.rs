@@ -1,12 +1,12 @@
-//! The homerelay control plane: the sans-IO channel [`allocator`], and the shells around it —
-//! the channel [`service`] that drives the relay, the gRPC [`api`] and [`server`], the daemon's
-//! [`config`], the command-line [`client`], and the Prometheus [`metrics`].
+//! The homerelay control plane: the shells around the I/O-free core (`relay-core`: the channel
+//! allocator, channel specs, the names of events) — the channel [`service`] that drives the
+//! relay, the gRPC [`api`] and [`server`], the daemon's [`config`], the command-line [`client`],
+//! and the Prometheus [`metrics`].
 //!
-//! Invariant: the allocator does no I/O and reads no clock (time comes in as an argument);
-//! everything that does — sockets, the data path, clocks, tokio — lives in the shells, and
-//! every conversion between the wire and the domain is in [`convert`].
+//! Invariant: the core does no I/O and reads no clock (time comes in as an argument);
+//! everything that does — sockets, the data path, clocks, tokio — lives here, and every
+//! conversion between the wire and the domain is in [`convert`].
 
-pub mod allocator;
 pub mod api;
 pub mod client;
 pub mod clock;

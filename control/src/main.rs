@@ -15,12 +15,12 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use control::allocator::Allocator;
 use control::client::{ChannelsCommand, Connection};
 use control::config::{self, Config, LayoutName, Overrides};
 use control::metrics::{self, CounterSource, Exporter, Metrics};
 use control::server::{self, Security, TlsPem};
 use control::service::{Dataplane, Service, ServiceOptions};
+use relay_core::Allocator;
 use relay_user::Relay;
 use relay_user::xdp::XdpMode;
 

@@ -38,9 +38,9 @@ use relay_user::forward::DropReason;
 use relay_user::userspace::UserspaceCounters;
 use tonic::Code;
 
-use crate::allocator::AllocError;
 use crate::error::ServiceError;
-use crate::service::{ChannelView, EventKind, Service};
+use crate::service::{ChannelView, Service};
+use relay_core::{AllocError, EventKind, ReleaseReason};
 
 /// Where `/metrics` is served by default: loopback, next to the API. 9464 is the port
 /// OpenTelemetry's Prometheus exporters use.
@@ -261,56 +261,18 @@ impl AllocResult {
                 AllocError::EmptyCallId
                 | AllocError::TooLong { .. }
                 | AllocError::Timeout { .. } => AllocResult::Invalid,
-                AllocError::UnknownSlot(_) | AllocError::UnknownLeg { .. } => AllocResult::Error,
+                // The last three are restore's errors; Allocate never sees them.
+                AllocError::UnknownSlot(_)
+                | AllocError::UnknownLeg { .. }
+                | AllocError::OutsideLayout(_)
+                | AllocError::SlotTaken(_)
+                | AllocError::LegTaken { .. } => AllocResult::Error,
             },
             Err(ServiceError::InvalidArgument { .. }) => AllocResult::Invalid,
             Err(ServiceError::DataPath(_)) => AllocResult::DataPathError,
             Err(ServiceError::ShuttingDown) => AllocResult::ShuttingDown,
             Err(ServiceError::Lagged(_) | ServiceError::Unauthenticated(_)) => AllocResult::Error,
         }
-    }
-}
-
-/// The reason label of [`RELEASES`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Release {
-    /// A Release request.
-    Requested,
-    /// No media for longer than the channel's timeout.
-    IdleTimeout,
-    /// Released when the relay stopped.
-    Shutdown,
-}
-
-impl Release {
-    pub const ALL: [Release; 3] = [Release::Requested, Release::IdleTimeout, Release::Shutdown];
-
-    /// The label value.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Release::Requested => "requested",
-            Release::IdleTimeout => "idle_timeout",
-            Release::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Event names of [`CHANNEL_EVENTS`], in [`event_index`] order.
-const EVENTS: [&str; 5] = [
-    "allocated",
-    "latched",
-    "fast_path",
-    "idle_timeout",
-    "released",
-];
-
-const fn event_index(kind: &EventKind) -> usize {
-    match kind {
-        EventKind::Allocated => 0,
-        EventKind::Latched { .. } => 1,
-        EventKind::FastPath => 2,
-        EventKind::IdleTimeout => 3,
-        EventKind::Released => 4,
     }
 }
 
@@ -441,8 +403,10 @@ struct Registry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     allocations: [Counter; AllocResult::ALL.len()],
-    releases: [Counter; Release::ALL.len()],
-    events: [Counter; EVENTS.len()],
+    /// By [`ReleaseReason`], in [`ReleaseReason::ALL`] order.
+    releases: [Counter; ReleaseReason::ALL.len()],
+    /// By [`EventKind`], in [`EventKind::ALL`] order.
+    events: [Counter; EventKind::ALL.len()],
     /// Per method of [`GRPC_METHODS`] and code: registered on first use, so only the pairs
     /// seen are exported.
     grpc: [[OnceLock<Histogram>; GRPC_CODES]; GRPC_METHODS.len()],
@@ -512,8 +476,9 @@ impl Metrics {
         registry.allocations =
             AllocResult::ALL.map(|r| registry.counter(ALLOCATIONS, &[("result", r.name())]));
         registry.releases =
-            Release::ALL.map(|r| registry.counter(RELEASES, &[("reason", r.name())]));
-        registry.events = EVENTS.map(|e| registry.counter(CHANNEL_EVENTS, &[("event", e)]));
+            ReleaseReason::ALL.map(|r| registry.counter(RELEASES, &[("reason", r.name())]));
+        registry.events =
+            EventKind::ALL.map(|e| registry.counter(CHANNEL_EVENTS, &[("event", e.name())]));
         registry
             .gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
             .set(1.0);
@@ -552,16 +517,17 @@ impl Metrics {
     }
 
     /// Counts a released channel.
-    pub fn released(&self, reason: Release) {
+    pub fn released(&self, reason: ReleaseReason) {
         if let Some(r) = &self.inner {
             r.releases[reason as usize].increment(1);
         }
     }
 
     /// Counts an event of the Watch stream.
-    pub fn event(&self, kind: &EventKind) {
+    pub fn event(&self, kind: EventKind) {
         if let Some(r) = &self.inner {
-            r.events[event_index(kind)].increment(1);
+            // `ALL` is in declaration order (tested in relay-core).
+            r.events[kind as usize].increment(1);
         }
     }
 
@@ -947,7 +913,7 @@ mod tests {
             assert!(help.ends_with('.') && !help.contains('\n'), "{name}");
         }
         let m = Metrics::new();
-        m.released(Release::Shutdown);
+        m.released(ReleaseReason::Shutdown);
         let text = m.render();
         assert!(
             text.contains("homerelay_releases_total{reason=\"shutdown\"} 1"),

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::allocator::{ChannelInfo, Kind};
-use crate::service::{ChannelSpec, LatchingPolicy, LegSpec};
+use relay_core::allocator::{ChannelInfo, Kind};
+use relay_core::{ChannelSpec, LatchingPolicy, LegSpec};
 
 /// Version of the record layout below; a newer one is refused by older daemons.
 pub const RECORD_VERSION: u32 = 1;
@@ -178,7 +178,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::allocator::{ChannelId, Slot};
+    use relay_core::allocator::{ChannelId, Slot};
 
     fn info() -> ChannelInfo {
         let now = Instant::now();

@@ -32,25 +32,25 @@
 //! may outlive its timeout by at most the time since that input, never expire early.
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use relay_common::{
-    Addr16, Be16, CHANNEL_USERSPACE_ONLY, Channel, ChannelStats, Endpoint, LEG_A, LEG_B, LatchMode,
-    Latching, Leg, quality::MAX_CLOCK_RATE,
-};
+use relay_common::{CHANNEL_USERSPACE_ONLY, Channel, ChannelStats, LEG_A, LEG_B};
 use relay_user::forward::Component;
 use relay_user::{DataPath, DataPathError, Relay};
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::allocator::{
-    AllocError, Allocator, ChannelInfo, Codec, Kind, Layout, MAX_MEDIA_TIMEOUT, MIN_MEDIA_TIMEOUT,
-    Request, Slot, Status,
+use relay_core::allocator::{
+    AllocError, Allocator, ChannelInfo, Codec, Kind, Layout, Request, Slot, Status, check_timeout,
 };
+use relay_core::{
+    ChannelSpec, ChannelState, EventKind, LatchingPolicy, LegSpec, ReleaseReason, build_channel,
+};
+
 use crate::clock::Clock;
 use crate::error::ServiceError;
-use crate::metrics::{Metrics, Release};
+use crate::metrics::Metrics;
 
 /// What the channel service needs from the data plane: the [`DataPath`] it installs channels
 /// in, and a view of the XDP fast path for events. Implemented by [`Relay`]; tests may run a
@@ -80,208 +80,6 @@ impl Dataplane for Relay {
             .map(|c| c.into_iter().map(|(port, _)| port).collect())
             .unwrap_or_default()
     }
-}
-
-/// How the relay learns a leg's media source. More policies come with the latching work; each
-/// is applied in [`build_channel`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LatchingPolicy {
-    /// The first packet from a leg that is not latched yet latches it.
-    #[default]
-    FirstPacket,
-    /// A new source latches after `packets` consecutive packets or `duration` since its first
-    /// packet, whichever comes first (0 / zero: not a criterion); until then it is dropped.
-    After { packets: u32, duration: Duration },
-    /// Only the addresses given in the legs; nothing is learnt from traffic.
-    Strict,
-    /// Like `FirstPacket`; a new source takes over a leg silent for `silence`.
-    Handover { silence: Duration },
-}
-
-/// Longest duration a latching policy takes (it is stored in milliseconds, as a `u32`).
-pub const MAX_LATCH_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-impl LatchingPolicy {
-    /// The policy as the data path stores it.
-    pub fn to_latching(self) -> Latching {
-        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-        match self {
-            LatchingPolicy::FirstPacket => Latching::new(LatchMode::FirstPacket, 0, 0),
-            LatchingPolicy::After { packets, duration } => {
-                Latching::new(LatchMode::After, packets, ms(duration))
-            }
-            LatchingPolicy::Strict => Latching::new(LatchMode::Strict, 0, 0),
-            LatchingPolicy::Handover { silence } => {
-                Latching::new(LatchMode::Handover, 0, ms(silence))
-            }
-        }
-    }
-}
-
-/// One leg as requested.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LegSpec {
-    /// The peer's RTP address; `None`: learnt from traffic.
-    pub rtp: Option<SocketAddr>,
-    /// The peer's RTCP address; `None`: RTP port + 1 if `rtp` is set, else learnt.
-    pub rtcp: Option<SocketAddr>,
-    /// Install the addresses latched: accept media only from them.
-    pub strict: bool,
-    /// The relay address the peer talks to; `None`: the configured one for this leg.
-    pub relay_addr: Option<Ipv4Addr>,
-}
-
-/// A channel as requested: both legs and the latching policy.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ChannelSpec {
-    /// Leg A ([`LEG_A`]) and leg B ([`LEG_B`]).
-    pub legs: [LegSpec; 2],
-    pub latching: LatchingPolicy,
-    /// RTP clock rate in Hz for jitter; 0 = 8000 (G.711).
-    pub clock_rate: u32,
-}
-
-const LEG_FIELDS: [&str; 2] = ["leg_a", "leg_b"];
-
-impl ChannelSpec {
-    /// Checks what the types do not; errors name the API field.
-    pub fn validate(&self) -> Result<(), ServiceError> {
-        if self.clock_rate > MAX_CLOCK_RATE {
-            return Err(ServiceError::invalid(
-                "clock_rate",
-                format!("{} Hz is above {MAX_CLOCK_RATE} Hz", self.clock_rate),
-            ));
-        }
-        match self.latching {
-            LatchingPolicy::Strict => {
-                if let Some((_, field)) = self
-                    .legs
-                    .iter()
-                    .zip(LEG_FIELDS)
-                    .find(|(l, _)| l.rtp.is_none())
-                {
-                    return Err(ServiceError::invalid(
-                        format!("{field}.rtp_address"),
-                        "a strict latching policy needs both legs' addresses",
-                    ));
-                }
-            }
-            LatchingPolicy::Handover { silence } if silence < Duration::from_millis(1) => {
-                return Err(ServiceError::invalid(
-                    "latching.duration",
-                    "handover needs a silence of at least 1 ms",
-                ));
-            }
-            LatchingPolicy::Handover { silence: d } | LatchingPolicy::After { duration: d, .. }
-                if d > MAX_LATCH_DURATION =>
-            {
-                return Err(ServiceError::invalid(
-                    "latching.duration",
-                    "must be at most 24 h",
-                ));
-            }
-            _ => {}
-        }
-        for (leg, field) in self.legs.iter().zip(LEG_FIELDS) {
-            for (addr, name) in [(leg.rtp, "rtp_address"), (leg.rtcp, "rtcp_address")] {
-                let Some(addr) = addr else { continue };
-                let field = format!("{field}.{name}");
-                if !is_ipv4(addr.ip()) {
-                    return Err(ServiceError::invalid(
-                        field,
-                        format!("{addr}: IPv6 peers are not supported yet"),
-                    ));
-                }
-                if addr.ip().is_unspecified() || addr.port() == 0 {
-                    return Err(ServiceError::invalid(
-                        field,
-                        format!("{addr}: a peer needs an address and a port"),
-                    ));
-                }
-            }
-            if leg.rtp.is_none() && leg.rtcp.is_some() {
-                return Err(ServiceError::invalid(
-                    format!("{field}.rtcp_address"),
-                    "an RTCP address needs the RTP address too",
-                ));
-            }
-            if leg.strict && leg.rtp.is_none() {
-                return Err(ServiceError::invalid(
-                    format!("{field}.strict"),
-                    "a strict leg needs rtp_address",
-                ));
-            }
-            if leg.relay_addr.is_some_and(|a| a.is_unspecified()) {
-                return Err(ServiceError::invalid(
-                    format!("{field}.relay_address"),
-                    "0.0.0.0 is not a relay address (leave it empty for the default)",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn is_ipv4(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(_) => true,
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
-    }
-}
-
-/// The data-path channel for `spec` on relay port `port`: the one place a request becomes a
-/// [`Channel`] (latching policy, and later clock rate, are applied here).
-///
-/// A leg without a relay address (neither in the request nor configured) gets `::`: user space
-/// then lets the kernel choose the source address, and the fast path leaves the channel to
-/// user space, since it cannot rewrite a packet's source to "any".
-pub fn build_channel(
-    spec: &ChannelSpec,
-    port: u16,
-    relay_addresses: &[Option<Ipv4Addr>; 2],
-) -> Channel {
-    let mut channel = Channel::default();
-    for (i, leg_spec) in spec.legs.iter().enumerate() {
-        // Strict: the given addresses are the only ones, confirmed from the start.
-        let latched = match spec.latching {
-            LatchingPolicy::Strict => true,
-            LatchingPolicy::FirstPacket
-            | LatchingPolicy::After { .. }
-            | LatchingPolicy::Handover { .. } => leg_spec.strict,
-        };
-        // RFC 3550 §11: RTCP on the port above RTP unless the peer said otherwise.
-        let rtcp = leg_spec.rtcp.or_else(|| {
-            leg_spec
-                .rtp
-                .and_then(|a| a.port().checked_add(1).map(|p| SocketAddr::new(a.ip(), p)))
-        });
-        channel.legs[i] = Leg {
-            rtp: leg_spec
-                .rtp
-                .map_or(Endpoint::UNKNOWN, |a| Endpoint::new(a, latched)),
-            rtcp: rtcp.map_or(Endpoint::UNKNOWN, |a| Endpoint::new(a, latched)),
-            local_addr: leg_spec
-                .relay_addr
-                .or(relay_addresses[i])
-                .map_or(Addr16::UNSPECIFIED, |a| Addr16::from(IpAddr::V4(a))),
-            local_port: Be16::new(port),
-            ..Leg::default()
-        };
-    }
-    channel.latching = spec.latching.to_latching();
-    channel.clock_rate = spec.clock_rate;
-    channel
-}
-
-/// Where a channel's media stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ChannelState {
-    /// At least one leg's RTP source is not latched.
-    Waiting,
-    /// Both legs' RTP sources are latched; user space forwards.
-    Latched,
-    /// Latched, and the XDP fast path forwards.
-    FastPath,
 }
 
 fn rtp_latched(ch: &Channel) -> bool {
@@ -321,41 +119,22 @@ impl ChannelView {
     }
 }
 
-/// What happened to a channel.
+/// Where a [`EventKind::Latched`] event's endpoint latched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    Allocated,
-    /// An endpoint latched to `source`.
-    Latched {
-        leg: usize,
-        component: Component,
-        source: SocketAddr,
-    },
-    /// The fast path took the channel over.
-    FastPath,
-    /// Released after its media timeout (final counters).
-    IdleTimeout,
-    /// Released by a request or at shutdown (final counters).
-    Released,
-}
-
-impl EventKind {
-    /// Stable lowercase name (logs, metric labels).
-    pub const fn name(&self) -> &'static str {
-        match self {
-            EventKind::Allocated => "allocated",
-            EventKind::Latched { .. } => "latched",
-            EventKind::FastPath => "fast_path",
-            EventKind::IdleTimeout => "idle_timeout",
-            EventKind::Released => "released",
-        }
-    }
+pub struct Latch {
+    /// [`relay_common::LEG_A`] or [`relay_common::LEG_B`].
+    pub leg: usize,
+    pub component: Component,
+    /// The source the endpoint latched to.
+    pub source: SocketAddr,
 }
 
 /// One event of the watch stream. Metrics can count them by [`EventKind::name`] and channel kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub kind: EventKind,
+    /// The endpoint that latched, for [`EventKind::Latched`]; `None` for every other kind.
+    pub latch: Option<Latch>,
     /// The channel as of the event.
     pub channel: ChannelView,
     pub at: SystemTime,
@@ -712,19 +491,6 @@ impl Service {
     }
 }
 
-fn check_timeout(t: Duration) -> Result<(), ServiceError> {
-    if (MIN_MEDIA_TIMEOUT..=MAX_MEDIA_TIMEOUT).contains(&t) {
-        Ok(())
-    } else {
-        Err(AllocError::Timeout {
-            value: t,
-            min: MIN_MEDIA_TIMEOUT,
-            max: MAX_MEDIA_TIMEOUT,
-        }
-        .into())
-    }
-}
-
 /// One subscriber of the event stream.
 #[derive(Debug)]
 pub struct Watcher {
@@ -865,7 +631,7 @@ impl Owner {
             },
         );
         let view = self.view(port, clock)?;
-        self.emit(EventKind::Allocated, view.clone());
+        self.emit(EventKind::Allocated, None, view.clone());
         Ok((view, true))
     }
 
@@ -913,8 +679,8 @@ impl Owner {
         let clock = Clock::now();
         let port = self.resolve(target)?;
         let view = self.release_port(port, clock)?;
-        self.metrics.released(Release::Requested);
-        self.emit(EventKind::Released, view.clone());
+        self.metrics.released(ReleaseReason::Requested);
+        self.emit(EventKind::Released, None, view.clone());
         Ok((view, clock.wall()))
     }
 
@@ -965,8 +731,8 @@ impl Owner {
             match self.release_port(port, clock) {
                 Ok(view) => {
                     released += 1;
-                    self.metrics.released(Release::Shutdown);
-                    self.emit(EventKind::Released, view);
+                    self.metrics.released(ReleaseReason::Shutdown);
+                    self.emit(EventKind::Released, None, view);
                 }
                 Err(e) => log::warn!("releasing channel {port} at shutdown: {e}"),
             }
@@ -1018,12 +784,17 @@ impl Owner {
         }
     }
 
-    fn emit(&self, kind: EventKind, channel: ChannelView) {
+    fn emit(&self, kind: EventKind, latch: Option<Latch>, channel: ChannelView) {
         log::debug!("channel {} {}", channel.port(), kind.name());
-        self.metrics.event(&kind);
+        self.metrics.event(kind);
         let at = channel.clock.wall();
         // No receivers is fine: nobody is watching.
-        let _ = self.events.send(Event { kind, channel, at });
+        let _ = self.events.send(Event {
+            kind,
+            latch,
+            channel,
+            at,
+        });
     }
 
     /// The channel on `port` as the allocator and the data path see it now.
@@ -1111,7 +882,7 @@ impl Owner {
                 }
             }
             self.forget(port);
-            self.metrics.released(Release::IdleTimeout);
+            self.metrics.released(ReleaseReason::IdleTimeout);
             log::info!(
                 "channel {port} ({} {:?}) released after {:?} without media",
                 released.channel.kind,
@@ -1119,7 +890,7 @@ impl Owner {
                 released.channel.timeout
             );
             if let Some(view) = views.remove(&port) {
-                self.emit(EventKind::IdleTimeout, view);
+                self.emit(EventKind::IdleTimeout, None, view);
             }
         }
         for port in due {
@@ -1132,7 +903,7 @@ impl Owner {
     /// Latch and fast-path events (see the module summary).
     fn diff(&mut self) {
         let clock = Clock::now();
-        let mut found: Vec<(u16, EventKind)> = Vec::new();
+        let mut found: Vec<(u16, EventKind, Option<Latch>)> = Vec::new();
         for (&port, record) in self.records.iter_mut() {
             let Ok(now) = self.relay.channel(port) else {
                 continue;
@@ -1149,11 +920,12 @@ impl Owner {
                             if let Some(source) = new.socket_addr() {
                                 found.push((
                                     port,
-                                    EventKind::Latched {
+                                    EventKind::Latched,
+                                    Some(Latch {
                                         leg,
                                         component,
                                         source,
-                                    },
+                                    }),
                                 ));
                             }
                         }
@@ -1167,14 +939,14 @@ impl Owner {
                         .fast_path_channel(port)
                         .is_some_and(|f| fast_path_eligible(&f)));
             if fast && !record.fast {
-                found.push((port, EventKind::FastPath));
+                found.push((port, EventKind::FastPath, None));
             }
             record.seen = now;
             record.fast = fast;
         }
-        for (port, kind) in found {
+        for (port, kind, latch) in found {
             if let Ok(view) = self.view(port, clock) {
-                self.emit(kind, view);
+                self.emit(kind, latch, view);
             }
         }
     }
@@ -1182,6 +954,8 @@ impl Owner {
 
 #[cfg(test)]
 mod tests {
+    use relay_common::{Addr16, Endpoint};
+
     use super::*;
 
     fn sa(s: &str) -> SocketAddr {
@@ -1189,99 +963,10 @@ mod tests {
     }
 
     #[test]
-    fn build_channel_sets_both_legs_from_the_spec() {
-        let spec = ChannelSpec {
-            legs: [
-                LegSpec {
-                    rtp: Some(sa("203.0.113.7:40000")),
-                    ..LegSpec::default()
-                },
-                LegSpec {
-                    rtp: Some(sa("192.0.2.10:6000")),
-                    rtcp: Some(sa("192.0.2.10:6003")),
-                    strict: true,
-                    relay_addr: Some(Ipv4Addr::new(192, 0, 2, 2)),
-                },
-            ],
-            latching: LatchingPolicy::FirstPacket,
-            clock_rate: 0,
-        };
-        let defaults = [
-            Some(Ipv4Addr::new(198, 51, 100, 1)),
-            Some(Ipv4Addr::new(192, 0, 2, 1)),
-        ];
-        let ch = build_channel(&spec, 30530, &defaults);
-        let [a, b] = ch.legs;
-        // Leg A: expected (not latched), RTCP on the port above, default relay address.
-        assert_eq!(a.rtp, Endpoint::new(sa("203.0.113.7:40000"), false));
-        assert_eq!(a.rtcp, Endpoint::new(sa("203.0.113.7:40001"), false));
-        assert_eq!(a.local(), sa("198.51.100.1:30530"));
-        // Leg B: strict, its own RTCP port and relay address.
-        assert_eq!(b.rtp, Endpoint::new(sa("192.0.2.10:6000"), true));
-        assert_eq!(b.rtcp, Endpoint::new(sa("192.0.2.10:6003"), true));
-        assert_eq!(b.local(), sa("192.0.2.2:30530"));
-        assert_eq!(ch.flags, 0);
-        assert!(!fast_path_eligible(&ch), "leg A is not latched yet");
-    }
-
-    #[test]
-    fn build_channel_stores_the_policy_and_clock_rate_and_strict_latches_every_address() {
-        let leg = |a: &str| LegSpec {
-            rtp: Some(sa(a)),
-            ..LegSpec::default()
-        };
-        let mut spec = ChannelSpec {
-            legs: [leg("203.0.113.7:40000"), leg("192.0.2.10:6000")],
-            latching: LatchingPolicy::Strict,
-            clock_rate: 48_000,
-        };
-        spec.validate().expect("valid");
-        let ch = build_channel(&spec, 30530, &[None, None]);
-        assert_eq!(ch.latching.mode(), LatchMode::Strict);
-        assert_eq!(ch.clock_rate, 48_000);
-        assert!(
-            ch.legs
-                .iter()
-                .all(|l| l.rtp.is_latched() && l.rtcp.is_latched())
-        );
-        spec.latching = LatchingPolicy::After {
-            packets: 3,
-            duration: Duration::from_millis(1500),
-        };
-        let ch = build_channel(&spec, 30530, &[None, None]);
-        assert_eq!(ch.latching, Latching::new(LatchMode::After, 3, 1500));
-        assert!(!ch.legs[0].rtp.is_latched());
-        // Validation: strict needs both addresses, handover a silence, rates are bounded.
-        spec.latching = LatchingPolicy::Strict;
-        spec.legs[1] = LegSpec::default();
-        assert_eq!(
-            spec.validate().expect_err("strict").to_string(),
-            "leg_b.rtp_address: a strict latching policy needs both legs' addresses"
-        );
-        spec.legs[1] = leg("192.0.2.10:6000");
-        spec.latching = LatchingPolicy::Handover {
-            silence: Duration::ZERO,
-        };
-        assert!(spec.validate().is_err());
-        spec.latching = LatchingPolicy::Handover {
-            silence: Duration::from_secs(2),
-        };
-        spec.validate().expect("valid handover");
-        spec.clock_rate = MAX_CLOCK_RATE + 1;
-        assert!(spec.validate().is_err());
-    }
-
-    #[test]
-    fn build_channel_without_addresses_learns_and_stays_off_the_fast_path() {
+    fn only_latched_channels_with_relay_addresses_are_fast_path_eligible() {
         let ch = build_channel(&ChannelSpec::default(), 42000, &[None, None]);
-        for leg in ch.legs {
-            assert_eq!(leg.rtp, Endpoint::UNKNOWN);
-            assert_eq!(leg.rtcp, Endpoint::UNKNOWN);
-            // `::`, not IPv4 0.0.0.0: the fast path must not send from "any".
-            assert_eq!(leg.local_addr, Addr16::UNSPECIFIED);
-            assert!(!leg.local_addr.is_ipv4());
-            assert_eq!(leg.local_port.get(), 42000);
-        }
+        assert!(!rtp_latched(&ch));
+        assert!(!fast_path_eligible(&ch));
         let mut latched = ch;
         for leg in &mut latched.legs {
             leg.rtp = Endpoint::new(sa("192.0.2.10:6000"), true);
@@ -1300,53 +985,16 @@ mod tests {
     }
 
     #[test]
-    fn specs_are_validated_naming_the_field() {
-        let leg = |rtp: Option<&str>, rtcp: Option<&str>, strict: bool| LegSpec {
-            rtp: rtp.map(sa),
-            rtcp: rtcp.map(sa),
-            strict,
-            relay_addr: None,
+    fn spec_errors_are_invalid_arguments_naming_the_field() {
+        let spec = ChannelSpec {
+            latching: LatchingPolicy::Strict,
+            ..ChannelSpec::default()
         };
-        let cases = [
-            (
-                leg(Some("[2001:db8::1]:5004"), None, false),
-                "leg_b.rtp_address: [2001:db8::1]:5004: IPv6 peers are not supported yet",
-            ),
-            (
-                leg(Some("0.0.0.0:5004"), None, false),
-                "leg_b.rtp_address: 0.0.0.0:5004: a peer needs an address and a port",
-            ),
-            (
-                leg(Some("192.0.2.1:0"), None, false),
-                "leg_b.rtp_address: 192.0.2.1:0: a peer needs an address and a port",
-            ),
-            (
-                leg(None, Some("192.0.2.1:5005"), false),
-                "leg_b.rtcp_address: an RTCP address needs the RTP address too",
-            ),
-            (
-                leg(None, None, true),
-                "leg_b.strict: a strict leg needs rtp_address",
-            ),
-        ];
-        for (b, message) in cases {
-            let spec = ChannelSpec {
-                legs: [LegSpec::default(), b],
-                latching: LatchingPolicy::FirstPacket,
-                clock_rate: 0,
-            };
-            let e = spec.validate().expect_err(message);
-            assert_eq!(e.to_string(), message);
-            assert_eq!(crate::error::code(&e), tonic::Code::InvalidArgument);
-        }
-        let mapped = ChannelSpec {
-            legs: [
-                leg(Some("[::ffff:192.0.2.1]:5004"), None, true),
-                LegSpec::default(),
-            ],
-            latching: LatchingPolicy::FirstPacket,
-            clock_rate: 0,
-        };
-        assert!(mapped.validate().is_ok());
+        let e = ServiceError::from(spec.validate().expect_err("strict needs addresses"));
+        assert_eq!(crate::error::code(&e), tonic::Code::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "leg_a.rtp_address: a strict latching policy needs both legs' addresses"
+        );
     }
 }

@@ -681,9 +681,9 @@ async fn the_server_refuses_to_start_without_required_authentication() {
         require_xdp: false,
     })
     .expect("relay");
-    let layout = control::allocator::Layout::custom(42160, 42179, 10, 1).expect("layout");
-    let allocator = control::allocator::Allocator::new(
-        control::allocator::Config::new(layout, 1),
+    let layout = relay_core::allocator::Layout::custom(42160, 42179, 10, 1).expect("layout");
+    let allocator = relay_core::allocator::Allocator::new(
+        relay_core::allocator::Config::new(layout, 1),
         std::time::Instant::now(),
     )
     .expect("allocator");

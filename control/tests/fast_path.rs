@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::within;
-use control::allocator::{Allocator, Config, Kind, Layout, Request};
-use control::service::{
-    ChannelSpec, ChannelState, EventKind, LegSpec, Service, ServiceOptions, Watcher,
-};
+use control::service::{Latch, Service, ServiceOptions, Watcher};
 use relay_common::LEG_A;
+use relay_core::allocator::{Allocator, Config, Kind, Layout, Request};
+use relay_core::{ChannelSpec, ChannelState, EventKind, LegSpec};
 use relay_user::forward::Component;
 use relay_user::netns::{self, Host, Testbed, TestbedOptions};
 use relay_user::xdp::{XdpMode, XdpOptions};
@@ -140,13 +139,14 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     relay_through(&home, relay_home, &office, relay_office, 5).await;
 
     let latched = next_event(&mut watcher).await;
+    assert_eq!(latched.kind, EventKind::Latched);
     assert_eq!(
-        latched.kind,
-        EventKind::Latched {
+        latched.latch,
+        Some(Latch {
             leg: LEG_A,
             component: Component::Rtp,
             source: home_addr,
-        }
+        })
     );
     let fast = next_event(&mut watcher).await;
     assert_eq!(fast.kind, EventKind::FastPath, "{fast:?}");

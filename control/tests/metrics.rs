@@ -16,13 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{WAIT, allocate_request, by_port, peer, recv, within};
-use control::allocator::{self, Allocator, Layout};
 use control::metrics::{self, CounterSource, Exporter, Metrics, names};
 use control::server::{self, Security};
 use control::service::{Dataplane, Service, ServiceOptions};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
 use relay_common::Counter as XdpCounter;
+use relay_core::allocator::{self, Allocator, Layout};
 use relay_user::userspace::UserspaceCounters;
 use relay_user::{Relay, RelayOptions};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

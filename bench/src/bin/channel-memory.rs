@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use control::allocator::{self, Allocator, Kind, Layout, Request};
 use control::config::{Config, Overrides};
-use control::service::{ChannelSpec, Dataplane, LegSpec, Service, ServiceOptions};
+use control::service::{Dataplane, Service, ServiceOptions};
+use relay_core::allocator::{self, Allocator, Kind, Layout, Request};
+use relay_core::{ChannelSpec, LegSpec};
 use relay_user::Relay;
 use serde::Serialize;
 

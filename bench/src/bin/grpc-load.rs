@@ -19,13 +19,13 @@ use anyhow::Context as _;
 use bench::cpu::{self, CpuSample};
 use bench::histogram::{Histogram, Percentiles};
 use clap::Parser;
-use control::allocator::Allocator;
 use control::config::{Config, Overrides};
 use control::metrics::Metrics;
 use control::server::{self, Security};
 use control::service::{Dataplane, Service, ServiceOptions};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
+use relay_core::Allocator;
 use relay_user::Relay;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -119,11 +119,8 @@ fn data_path_alone(cli: &Cli, seconds: f64) -> anyhow::Result<DataPathAlone> {
     let mut n = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
         let port = opts.port_min + 2 * u16::try_from(n % u64::from(pairs)).unwrap_or(0);
-        let channel = control::service::build_channel(
-            &control::service::ChannelSpec::default(),
-            port,
-            &[None, None],
-        );
+        let channel =
+            relay_core::build_channel(&relay_core::ChannelSpec::default(), port, &[None, None]);
         let t0 = Instant::now();
         relay.install(port, &channel)?;
         let t1 = Instant::now();

@@ -12,11 +12,11 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use control::allocator::{self, Allocator, Layout};
 use control::server::{self, Security};
 use control::service::{Dataplane, Service, ServiceOptions};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
+use relay_core::allocator::{self, Allocator, Layout};
 use relay_user::{Relay, RelayOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use control::allocator::{
+use proptest::prelude::*;
+use relay_core::allocator::{
     AllocError, Allocator, Codec, Config, Kind, Layout, ReleaseReason, Request, Slot, Status,
 };
-use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
 // The operation sequences.
@@ -46,6 +46,8 @@ enum Op {
         ms: u64,
     },
     Expire,
+    /// Snapshot every live channel, start a new allocator and restore them into it.
+    Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -61,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 1..=30u64).prop_map(|(pick, secs)| Op::SetTimeout { pick, secs }),
         3 => (0..=20_000u64).prop_map(|ms| Op::Advance { ms }),
         2 => Just(Op::Expire),
+        1 => Just(Op::Restart),
     ]
 }
 
@@ -127,6 +130,8 @@ struct Model {
     releases: u64,
     now: Duration,
     early_reuses: u64,
+    /// Highest channel id handed out, over every restart.
+    max_id: u64,
 }
 
 impl Model {
@@ -148,6 +153,7 @@ impl Model {
             releases: 0,
             now: Duration::ZERO,
             early_reuses: 0,
+            max_id: 0,
         }
     }
 
@@ -279,6 +285,8 @@ fn step(a: &mut Allocator, m: &mut Model, t0: Instant, op: &Op) -> Result<(), Te
             } else {
                 let got = got.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert!(got.new);
+                prop_assert!(got.channel.id.0 > m.max_id, "id {} reused", got.channel.id);
+                m.max_id = got.channel.id.0;
                 let slot = got.channel.slot;
                 prop_assert!(m.all_slots.contains(&slot), "{} not in layout", slot);
                 prop_assert!(m.live_by_slot(slot).is_none(), "{} handed out twice", slot);
@@ -390,6 +398,7 @@ fn step(a: &mut Allocator, m: &mut Model, t0: Instant, op: &Op) -> Result<(), Te
             }
         }
         Op::Advance { ms } => m.now += Duration::from_millis(ms),
+        Op::Restart => restart(a, m, t0)?,
         Op::Expire => {
             let expired = a.expire(now);
             let mut due: Vec<_> = m
@@ -425,13 +434,65 @@ fn step(a: &mut Allocator, m: &mut Model, t0: Instant, op: &Op) -> Result<(), Te
     Ok(())
 }
 
-fn run(setup: Setup, ops: &[Op]) -> Result<(), TestCaseError> {
-    let t0 = Instant::now();
+fn config(setup: &Setup) -> Config {
     let mut config = Config::new(setup.layout, setup.seed);
     config.upstream_kbps = setup.upstream_kbps;
     config.quarantine = setup.quarantine;
     config.media_timeout = setup.media_timeout;
-    let mut a = Allocator::new(config, t0).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    config
+}
+
+/// A restart with persisted allocations: a new allocator (same epoch, so the model's times stay
+/// exact) into which every live channel is restored. Quarantines are not persisted: afterwards
+/// every slot not restored is free.
+fn restart(a: &mut Allocator, m: &mut Model, t0: Instant) -> Result<(), TestCaseError> {
+    let now = t0 + m.now;
+    let infos: Vec<_> = m.live.values().filter_map(|l| a.get(l.slot)).collect();
+    prop_assert_eq!(infos.len(), m.live.len());
+    let mut fresh =
+        Allocator::new(config(&m.setup), t0).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for info in &infos {
+        fresh
+            .restore(info.clone(), now)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(fresh.get(info.slot), Some(info.clone()));
+    }
+    fresh.set_next_id(a.next_id());
+    prop_assert!(fresh.next_id().0 > m.max_id);
+
+    if let Some(first) = infos.first() {
+        // A restored slot or call leg cannot be restored twice, nor a slot outside the layout.
+        prop_assert_eq!(
+            fresh.restore(first.clone(), now),
+            Err(AllocError::SlotTaken(first.slot))
+        );
+        if let Some(&vacant) = m.all_slots.iter().find(|s| m.live_by_slot(**s).is_none()) {
+            let mut moved = first.clone();
+            moved.slot = vacant;
+            let taken = matches!(
+                fresh.restore(moved, now),
+                Err(AllocError::LegTaken { slot, .. }) if slot == first.slot
+            );
+            prop_assert!(taken);
+        }
+        let mut outside = first.clone();
+        outside.slot.addr_index = m.setup.layout.addresses();
+        outside.call_id.push_str("-outside");
+        prop_assert_eq!(
+            fresh.restore(outside.clone(), now),
+            Err(AllocError::OutsideLayout(outside.slot))
+        );
+    }
+    *a = fresh;
+    m.released.clear();
+    m.early_reuses = 0;
+    Ok(())
+}
+
+fn run(setup: Setup, ops: &[Op]) -> Result<(), TestCaseError> {
+    let t0 = Instant::now();
+    let mut a =
+        Allocator::new(config(&setup), t0).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut m = Model::new(setup);
     for op in ops {
         step(&mut a, &mut m, t0, op)?;

@@ -89,6 +89,19 @@ pub enum AllocError {
         len: usize,
         max: usize,
     },
+    /// A restored slot is not part of the layout (`INVALID_ARGUMENT`).
+    #[error("{0} is not part of the layout")]
+    OutsideLayout(Slot),
+    /// A restored slot already carries a channel (`ALREADY_EXISTS`).
+    #[error("a channel is already in use on {0}")]
+    SlotTaken(Slot),
+    /// A restored call leg already holds another channel (`ALREADY_EXISTS`).
+    #[error("call id {call_id:?} leg tag {leg_tag:?} already holds the channel on {slot}")]
+    LegTaken {
+        call_id: String,
+        leg_tag: String,
+        slot: Slot,
+    },
     /// A media timeout outside the accepted range (`INVALID_ARGUMENT`).
     #[error("media timeout {value:?} is outside {min:?}..={max:?}")]
     Timeout {

@@ -41,6 +41,8 @@ pub use bandwidth::{Codec, HEADER_BYTES, PACKETS_PER_SECOND, PTIME_MS, internet_
 pub use error::{AllocError, ConfigError};
 pub use layout::{Layout, MAX_CAPACITY, MAX_SLOTS, MIN_PORT, Slot};
 
+pub use crate::names::{EventKind, ReleaseReason};
+
 /// Longest call id or leg tag stored, in bytes (SIP Call-IDs and tags are far shorter; the bound
 /// keeps a misbehaving client from growing memory).
 pub const MAX_ID_LEN: usize = 256;
@@ -269,25 +271,6 @@ impl Allocation {
     }
 }
 
-/// Why a channel was released.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ReleaseReason {
-    /// [`Allocator::release`] or [`Allocator::release_leg`].
-    Requested,
-    /// No media for longer than the channel's timeout ([`Allocator::expire`]).
-    IdleTimeout,
-}
-
-impl ReleaseReason {
-    /// Stable lowercase name, for metric labels and logs.
-    pub const fn name(self) -> &'static str {
-        match self {
-            ReleaseReason::Requested => "requested",
-            ReleaseReason::IdleTimeout => "idle_timeout",
-        }
-    }
-}
-
 /// A released channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Released {
@@ -301,6 +284,16 @@ pub struct Released {
 pub enum Event {
     Allocated(ChannelInfo),
     Released(Released),
+}
+
+impl Event {
+    /// The watch-stream event this change is reported as.
+    pub const fn kind(&self) -> EventKind {
+        match self {
+            Event::Allocated(_) => EventKind::Allocated,
+            Event::Released(r) => EventKind::released(r.reason),
+        }
+    }
 }
 
 impl From<Released> for Event {
@@ -404,6 +397,9 @@ pub struct Allocator {
     internet_calls: u32,
     next_id: u64,
     early_reuses: u64,
+    /// `free` or `quarantined` may hold slots taken by [`Allocator::restore`] since; tidied at
+    /// the next other input (so a batch of restores costs one pass over the slots).
+    stale: bool,
 }
 
 impl fmt::Debug for Allocator {
@@ -435,7 +431,26 @@ fn slot_hash(hasher: &RandomState, slots: &[Option<Channel>], index: u32) -> u64
         .map_or(0, |c| hash_key(hasher, c.call_id(), c.leg_tag()))
 }
 
-fn check_timeout(timeout: Duration) -> Result<(), AllocError> {
+/// Checks a call id and leg tag: a call id is non-empty, neither is longer than
+/// [`MAX_ID_LEN`].
+fn check_leg(call_id: &str, leg_tag: &str) -> Result<(), AllocError> {
+    if call_id.is_empty() {
+        return Err(AllocError::EmptyCallId);
+    }
+    for (field, value) in [("call id", call_id), ("leg tag", leg_tag)] {
+        if value.len() > MAX_ID_LEN {
+            return Err(AllocError::TooLong {
+                field,
+                len: value.len(),
+                max: MAX_ID_LEN,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a media inactivity timeout against [`MIN_MEDIA_TIMEOUT`]`..=`[`MAX_MEDIA_TIMEOUT`].
+pub fn check_timeout(timeout: Duration) -> Result<(), AllocError> {
     if (MIN_MEDIA_TIMEOUT..=MAX_MEDIA_TIMEOUT).contains(&timeout) {
         Ok(())
     } else {
@@ -472,6 +487,7 @@ impl Allocator {
             internet_calls: 0,
             next_id: 1,
             early_reuses: 0,
+            stale: false,
             config,
         })
     }
@@ -495,18 +511,7 @@ impl Allocator {
             internet,
             timeout,
         } = request;
-        if call_id.is_empty() {
-            return Err(AllocError::EmptyCallId);
-        }
-        for (field, value) in [("call id", &call_id), ("leg tag", &leg_tag)] {
-            if value.len() > MAX_ID_LEN {
-                return Err(AllocError::TooLong {
-                    field,
-                    len: value.len(),
-                    max: MAX_ID_LEN,
-                });
-            }
-        }
+        check_leg(&call_id, &leg_tag)?;
         if let Some(timeout) = timeout {
             check_timeout(timeout)?;
         }
@@ -531,23 +536,7 @@ impl Allocator {
         }
 
         let capacity = self.config.layout.capacity();
-        if self.in_use >= capacity {
-            return Err(AllocError::PoolFull {
-                in_use: self.in_use,
-                capacity,
-            });
-        }
-        if let (true, Some(limit), Some(upstream_kbps)) =
-            (internet, self.internet_limit, self.config.upstream_kbps)
-        {
-            if self.internet_calls >= limit {
-                return Err(AllocError::InternetCallLimit {
-                    limit,
-                    per_call_kbps: self.config.codec.kbps(),
-                    upstream_kbps,
-                });
-            }
-        }
+        self.check_room(internet)?;
 
         let index = if self.free.is_empty() {
             // Only quarantined slots are left (possible only when slots == capacity, or almost):
@@ -568,7 +557,8 @@ impl Allocator {
 
         let timeout = timeout.map_or(self.default_timeout, ticks);
         let id = self.next_id;
-        self.next_id += 1;
+        // Saturates only after `set_next_id`/`restore` with an absurd id; never in practice.
+        self.next_id = self.next_id.saturating_add(1);
         let split = call_id.len() as u16; // ≤ MAX_ID_LEN, checked above
         let mut key = call_id;
         key.push_str(&leg_tag);
@@ -583,11 +573,126 @@ impl Allocator {
             timeout,
             heap_deadline: now.saturating_add(timeout),
         };
+        let info = self.insert(index, hash, channel);
+        Ok(Allocation {
+            channel: info,
+            new: true,
+        })
+    }
+
+    /// Re-inserts a live allocation found in a persistent store (at start, after
+    /// [`Allocator::new`]): the channel gets back its slot, id, call id and leg tag, kind,
+    /// internet flag and timeout. Its allocation and activity times are `info`'s, but never
+    /// later than `now` nor earlier than the allocator's epoch, so a channel idle for longer
+    /// than its timeout is released at the next [`Allocator::expire`].
+    ///
+    /// Ids handed out afterwards are above `info.id` (see [`Allocator::set_next_id`]). The
+    /// store is trusted for the uniqueness of ids; everything else is checked as on
+    /// [`Allocator::allocate`], and a slot outside the layout ([`AllocError::OutsideLayout`]),
+    /// a slot in use ([`AllocError::SlotTaken`]) or a call leg that already holds a channel
+    /// ([`AllocError::LegTaken`]) is refused. A quarantined slot may be restored: the stored
+    /// allocation is what the slot carried last.
+    pub fn restore(&mut self, info: ChannelInfo, now: Instant) -> Result<(), AllocError> {
+        // No tidying of `free` here (see `stale`): a batch of restores stays linear.
+        let now = self.advance_clock(now);
+        let ChannelInfo {
+            id,
+            slot,
+            call_id,
+            leg_tag,
+            kind,
+            internet,
+            timeout,
+            allocated_at,
+            last_activity,
+        } = info;
+        check_leg(&call_id, &leg_tag)?;
+        check_timeout(timeout)?;
+        let index = self
+            .config
+            .layout
+            .index_of(slot)
+            .ok_or(AllocError::OutsideLayout(slot))?;
+        if self.slot_channel(index).is_some() {
+            return Err(AllocError::SlotTaken(slot));
+        }
+        let hash = hash_key(&self.hasher, &call_id, &leg_tag);
+        if let Some(held) = self.lookup(hash, &call_id, &leg_tag) {
+            return Err(AllocError::LegTaken {
+                call_id,
+                leg_tag,
+                slot: self.config.layout.slot_at(held),
+            });
+        }
+        self.check_room(internet)?;
+
+        let allocated_at = self.tick(allocated_at).min(now);
+        let last_activity = self.tick(last_activity).clamp(allocated_at, now);
+        let timeout = ticks(timeout);
+        let split = call_id.len() as u16; // ≤ MAX_ID_LEN, checked above
+        let mut key = call_id;
+        key.push_str(&leg_tag);
+        let channel = Channel {
+            key: key.into_boxed_str(),
+            split,
+            kind,
+            internet,
+            id: id.0,
+            allocated_at,
+            last_activity,
+            timeout,
+            heap_deadline: last_activity.saturating_add(timeout),
+        };
+        self.insert(index, hash, channel);
+        self.next_id = self.next_id.max(id.0.saturating_add(1));
+        self.stale = true;
+        Ok(())
+    }
+
+    /// Ids handed out from now on are at least `next` (and still above every id handed out or
+    /// restored: the larger bound wins). A restarted service passes one above every id it ever
+    /// handed out, so ids stay unique across restarts.
+    pub fn set_next_id(&mut self, next: ChannelId) {
+        self.next_id = self.next_id.max(next.0);
+    }
+
+    /// The id the next new channel gets: above every id handed out or restored so far.
+    pub fn next_id(&self) -> ChannelId {
+        ChannelId(self.next_id)
+    }
+
+    /// Refuses a new channel when the pool is full or an internet call would exceed the
+    /// upstream.
+    fn check_room(&self, internet: bool) -> Result<(), AllocError> {
+        let capacity = self.config.layout.capacity();
+        if self.in_use >= capacity {
+            return Err(AllocError::PoolFull {
+                in_use: self.in_use,
+                capacity,
+            });
+        }
+        if let (true, Some(limit), Some(upstream_kbps)) =
+            (internet, self.internet_limit, self.config.upstream_kbps)
+        {
+            if self.internet_calls >= limit {
+                return Err(AllocError::InternetCallLimit {
+                    limit,
+                    per_call_kbps: self.config.codec.kbps(),
+                    upstream_kbps,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `channel` live on the (vacant, no longer free) slot index `index`.
+    fn insert(&mut self, index: u32, hash: u64, channel: Channel) -> ChannelInfo {
         self.deadlines.push(Reverse(Deadline {
             at: channel.heap_deadline,
-            id,
+            id: channel.id,
             slot: index,
         }));
+        let (kind, internet) = (channel.kind, channel.internet);
         let info = self.info(index, &channel);
         if let Some(place) = self.slots.get_mut(index as usize) {
             *place = Some(channel);
@@ -600,10 +705,7 @@ impl Allocator {
         if internet {
             self.internet_calls += 1;
         }
-        Ok(Allocation {
-            channel: info,
-            new: true,
-        })
+        info
     }
 
     /// Releases the channel on `slot`; its slot goes into quarantine.
@@ -729,17 +831,26 @@ impl Allocator {
     /// The pool as of `now` (or the newest time seen, if later).
     pub fn status(&self, now: Instant) -> Status {
         let now = self.now.max(self.tick(now));
-        let waited_out = self
-            .quarantined
-            .partition_point(|q| q.since.saturating_add(self.quarantine) <= now);
-        let quarantined = (self.quarantined.len() - waited_out) as u32;
+        let waiting = |q: &Quarantined| q.since.saturating_add(self.quarantine) > now;
+        let quarantined = if self.stale {
+            // Restored slots may still be listed: count only the vacant ones.
+            self.quarantined
+                .iter()
+                .filter(|q| waiting(q) && self.slot_channel(q.slot).is_none())
+                .count()
+        } else {
+            let waited_out = self.quarantined.partition_point(|q| !waiting(q));
+            self.quarantined.len() - waited_out
+        } as u32;
+        let slots = self.config.layout.slots();
         Status {
             capacity: self.config.layout.capacity(),
-            slots: self.config.layout.slots(),
+            slots,
             in_use: self.in_use,
             in_use_by_kind: self.by_kind,
             quarantined,
-            free: (self.free.len() + waited_out) as u32,
+            // Every slot is live, quarantined or free.
+            free: slots - self.in_use - quarantined,
             internet_call_limit: self.internet_limit,
             internet_calls: self.internet_calls,
             early_reuses: self.early_reuses,
@@ -758,8 +869,20 @@ impl Allocator {
             .unwrap_or(self.epoch)
     }
 
-    /// Moves the clock on (never back) and frees the slots whose quarantine is over.
+    /// Drops restored slots from the free list and the quarantine, then moves the clock on.
     fn advance(&mut self, now: Instant) -> Tick {
+        if self.stale {
+            let slots = &self.slots;
+            let vacant = |i: u32| slots.get(i as usize).is_some_and(Option::is_none);
+            self.free.retain(|&i| vacant(i));
+            self.quarantined.retain(|q| vacant(q.slot));
+            self.stale = false;
+        }
+        self.advance_clock(now)
+    }
+
+    /// Moves the clock on (never back) and frees the slots whose quarantine is over.
+    fn advance_clock(&mut self, now: Instant) -> Tick {
         self.now = self.now.max(self.tick(now));
         while let Some(&oldest) = self.quarantined.front() {
             if oldest.since.saturating_add(self.quarantine) > self.now {

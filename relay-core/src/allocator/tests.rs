@@ -556,3 +556,75 @@ fn a_channel_is_at_most_64_bytes() {
     assert_eq!(size_of::<Quarantined>(), 16);
     assert_eq!(size_of::<Reverse<Deadline>>(), 24);
 }
+
+#[test]
+fn restored_channels_keep_their_slot_and_id_and_new_ids_stay_above() {
+    let (mut a, t0) = with_layout(Layout::X);
+    let kept = alloc(&mut a, "call-1", "a", t0).channel;
+    a.set_timeout(kept.slot, 5 * SEC, t0).expect("timeout");
+    let kept = a.get(kept.slot).expect("live");
+    let restart = t0 + SEC;
+
+    // Same epoch: the stored instants are kept as they are (earlier ones count as the epoch).
+    let mut b = Allocator::new(Config::new(Layout::X, SEED + 1), t0).expect("valid config");
+    b.restore(kept.clone(), restart).expect("restore");
+    b.set_next_id(ChannelId(10));
+    assert_eq!(b.get(kept.slot), Some(kept.clone()));
+    assert_eq!(b.find("call-1", "a"), Some(kept.slot));
+    let s = b.status(restart);
+    assert_eq!((s.in_use, s.free, s.quarantined), (1, 127, 0));
+
+    // Every other slot is handed out before the pool is full; never the restored one.
+    let fresh: Vec<Allocation> = (0..59)
+        .map(|i| alloc(&mut b, &format!("new-{i}"), "a", restart))
+        .collect();
+    assert!(fresh.iter().all(|f| f.channel.slot != kept.slot));
+    assert!(fresh.iter().all(|f| f.channel.id.0 >= 10));
+    assert!(b.allocate(req("full", "a"), restart).is_err());
+
+    // The restored channel times out on its own schedule (5 s after its last activity).
+    let expired = b.expire(t0 + 5 * SEC);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].channel.id, kept.id);
+}
+
+#[test]
+fn restore_refuses_what_allocate_would_and_taken_or_foreign_slots() {
+    let (mut a, t0) = with_layout(Layout::S);
+    let info = alloc(&mut a, "call-1", "a", t0).channel;
+    let (mut b, _) = with_layout(Layout::S);
+    b.restore(info.clone(), t0).expect("restore");
+    assert_eq!(
+        b.restore(info.clone(), t0),
+        Err(AllocError::SlotTaken(info.slot))
+    );
+    let mut moved = info.clone();
+    moved.slot.port = if info.slot.port == 30528 {
+        30530
+    } else {
+        30528
+    };
+    assert!(matches!(
+        b.restore(moved.clone(), t0),
+        Err(AllocError::LegTaken { slot, .. }) if slot == info.slot
+    ));
+    moved.call_id = "call-2".into();
+    moved.slot.port = 30529;
+    assert_eq!(
+        b.restore(moved.clone(), t0),
+        Err(AllocError::OutsideLayout(moved.slot))
+    );
+    moved.call_id.clear();
+    assert_eq!(b.restore(moved, t0), Err(AllocError::EmptyCallId));
+    // A restored id moves the counter past it.
+    let mut high = info;
+    high.id = ChannelId(1000);
+    high.slot.port = 30600;
+    high.call_id = "call-3".into();
+    b.restore(high, t0).expect("restore");
+    assert_eq!(b.next_id(), ChannelId(1001));
+    b.set_next_id(ChannelId(5));
+    assert_eq!(b.next_id(), ChannelId(1001), "never lowered");
+    let s = b.status(t0);
+    assert_eq!((s.in_use, s.free), (2, 178));
+}

@@ -1,0 +1,23 @@
+//! homerelay's core: the parts of the control plane that do no I/O — the channel
+//! [`allocator`], channel specs and their validation ([`spec`], with [`build_channel`], the one
+//! place a request becomes a data-path channel), and the names of events, release reasons and
+//! channel states ([`names`]), defined once for metrics, the CLI and the wire conversions.
+//!
+//! Invariant: nothing here does I/O or reads a clock — no sockets, no tokio, no aya, no gRPC;
+//! time comes in as an argument. The shells (the `control` crate) drive this core; the session
+//! border controller policy, the registration state machine and the STUN codec of later work
+//! belong here too.
+#![forbid(unsafe_code)]
+
+pub mod allocator;
+pub mod names;
+pub mod spec;
+
+pub use allocator::{
+    AllocError, Allocation, Allocator, ChannelId, ChannelInfo, Config, ConfigError, Kind, Layout,
+    Released, Request, Slot, Status, check_timeout,
+};
+pub use names::{ChannelState, EventKind, ReleaseReason};
+pub use spec::{
+    ChannelSpec, LatchingPolicy, LegSpec, MAX_LATCH_DURATION, SpecError, build_channel,
+};
