@@ -31,6 +31,10 @@ pub enum ServiceError {
     /// No credentials, or wrong ones.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// The state database refused a write: nothing was changed (the data path is changed only
+    /// after its record is written).
+    #[error("state database: {0}")]
+    Store(#[from] relay_store::StoreError),
 }
 
 impl ServiceError {
@@ -82,6 +86,8 @@ pub fn code(e: &ServiceError) -> Code {
         },
         ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
         ServiceError::ShuttingDown => Code::Unavailable,
+        // A full disk or an I/O error: another relay may take the call.
+        ServiceError::Store(_) => Code::Unavailable,
         ServiceError::Lagged(_) => Code::Aborted,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
     }

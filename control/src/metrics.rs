@@ -217,12 +217,14 @@ pub enum AllocResult {
     /// The data path refused the channel (a port held by another process...).
     DataPathError,
     ShuttingDown,
+    /// The state database refused the record (disk full, I/O error).
+    StoreError,
     /// Anything else.
     Error,
 }
 
 impl AllocResult {
-    pub const ALL: [AllocResult; 9] = [
+    pub const ALL: [AllocResult; 10] = [
         AllocResult::Ok,
         AllocResult::Existing,
         AllocResult::PoolFull,
@@ -231,6 +233,7 @@ impl AllocResult {
         AllocResult::Invalid,
         AllocResult::DataPathError,
         AllocResult::ShuttingDown,
+        AllocResult::StoreError,
         AllocResult::Error,
     ];
 
@@ -245,6 +248,7 @@ impl AllocResult {
             AllocResult::Invalid => "invalid",
             AllocResult::DataPathError => "datapath_error",
             AllocResult::ShuttingDown => "shutting_down",
+            AllocResult::StoreError => "store_error",
             AllocResult::Error => "error",
         }
     }
@@ -271,6 +275,7 @@ impl AllocResult {
             Err(ServiceError::InvalidArgument { .. }) => AllocResult::Invalid,
             Err(ServiceError::DataPath(_)) => AllocResult::DataPathError,
             Err(ServiceError::ShuttingDown) => AllocResult::ShuttingDown,
+            Err(ServiceError::Store(_)) => AllocResult::StoreError,
             Err(ServiceError::Lagged(_) | ServiceError::Unauthenticated(_)) => AllocResult::Error,
         }
     }

@@ -48,9 +48,12 @@ use relay_core::{
     ChannelSpec, ChannelState, EventKind, LatchingPolicy, LegSpec, ReleaseReason, build_channel,
 };
 
+use relay_store::{ChannelOp, ChannelRow, Store};
+
 use crate::clock::Clock;
 use crate::error::ServiceError;
 use crate::metrics::Metrics;
+use crate::persist::StoredChannel;
 
 /// What the channel service needs from the data plane: the [`DataPath`] it installs channels
 /// in, and a view of the XDP fast path for events. Implemented by [`Relay`]; tests may run a
@@ -277,6 +280,9 @@ struct Owner {
     metrics: Metrics,
     /// When the data path is next diffed for latch and fast-path changes.
     next_poll: Instant,
+    /// The crash-safe record of live channels, written before the data path changes; `None`:
+    /// channels are not persisted (a restart ends the calls).
+    store: Option<Store>,
 }
 
 /// The channel service: a handle to the owner thread. Cheap to clone; every clone talks to the
@@ -301,6 +307,13 @@ impl std::fmt::Debug for Service {
         f.debug_struct("Service")
             .field("options", &self.inner.options)
             .finish_non_exhaustive()
+    }
+}
+
+fn delete(port: u16) -> ChannelOp {
+    ChannelOp::Delete {
+        addr_index: 0,
+        port,
     }
 }
 
@@ -358,6 +371,7 @@ impl Service {
             options: options.clone(),
             metrics: metrics.clone(),
             next_poll: Instant::now() + options.poll_interval,
+            store: None,
         };
         let thread = std::thread::Builder::new()
             .name("channel-owner".into())
@@ -607,15 +621,22 @@ impl Owner {
             return Ok((self.view(port, clock)?, false));
         }
         let channel = build_channel(&spec, port, &self.options.relay_addresses);
-        if let Err(e) = self.relay.install(port, &channel) {
-            // Never leak: the allocation goes with the failed install.
+        // The record first, then the data path: a crash in between leaves a record the next
+        // start installs (or drops), never a channel no record explains.
+        let written = self.persist(&[self.put(&allocation.channel, &spec, clock)]);
+        let installed = written.and_then(|()| Ok(self.relay.install(port, &channel)?));
+        if let Err(e) = installed {
+            // Never leak: the allocation (and its record) go with the failed install.
             if let Err(r) = self
                 .allocator
                 .release(allocation.channel.slot, clock.instant())
             {
                 log::error!("releasing channel {port} after a failed install: {r}");
             }
-            return Err(e.into());
+            if let Err(r) = self.persist(&[delete(port)]) {
+                log::error!("deleting the record of channel {port} after a failed install: {r}");
+            }
+            return Err(e);
         }
         let info = &allocation.channel;
         let deadline = info.last_activity + info.timeout;
@@ -662,11 +683,16 @@ impl Owner {
                 channel.legs[i] = current.legs[i];
             }
         }
-        self.relay.install(port, &channel)?;
         if let Some(t) = update.timeout {
             self.allocator.set_timeout(slot(port), t, clock.instant())?;
             self.reschedule(port);
         }
+        let info = self
+            .allocator
+            .get(slot(port))
+            .ok_or(AllocError::UnknownSlot(slot(port)))?;
+        self.persist(&[self.put(&info, &spec, clock)])?;
+        self.relay.install(port, &channel)?;
         if let Some(r) = self.records.get_mut(&port) {
             r.spec = spec;
             r.seen = channel;
@@ -738,6 +764,25 @@ impl Owner {
             }
         }
         released
+    }
+
+    /// Writes `ops` to the store in one transaction (nothing without a store).
+    fn persist(&mut self, ops: &[ChannelOp]) -> Result<(), ServiceError> {
+        match &mut self.store {
+            Some(store) if !ops.is_empty() => Ok(store.apply(ops)?),
+            _ => Ok(()),
+        }
+    }
+
+    /// The store's record of a live channel.
+    fn put(&self, info: &ChannelInfo, spec: &ChannelSpec, clock: Clock) -> ChannelOp {
+        let stored = StoredChannel::new(info, spec, clock.wall_of_instant(info.allocated_at));
+        ChannelOp::Put(ChannelRow {
+            port: info.slot.port,
+            addr_index: info.slot.addr_index,
+            id: info.id.0,
+            record: stored.to_json(),
+        })
     }
 
     /// The port of the channel `target` names, if it is live.
@@ -835,6 +880,7 @@ impl Owner {
     /// Final view, remove from the data path, release the allocation.
     fn release_port(&mut self, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
         let view = self.view(port, clock)?;
+        self.persist(&[delete(port)])?;
         match self.relay.remove(port) {
             Ok(()) | Err(DataPathError::NotFound(_)) => {}
             // The channel stays allocated and installed: the client may retry.
@@ -874,7 +920,17 @@ impl Owner {
             .iter()
             .filter_map(|&port| self.view(port, clock).ok().map(|v| (port, v)))
             .collect();
-        for released in self.allocator.expire(now) {
+        let expired = self.allocator.expire(now);
+        let deletes: Vec<ChannelOp> = expired
+            .iter()
+            .map(|r| delete(r.channel.slot.port))
+            .collect();
+        if let Err(e) = self.persist(&deletes) {
+            // The channels end all the same; their records are dropped at the next start,
+            // which finds no channel for them in the data path.
+            log::error!("deleting the records of idle channels: {e}");
+        }
+        for released in expired {
             let port = released.channel.slot.port;
             if let Err(e) = self.relay.remove(port) {
                 if !matches!(e, DataPathError::NotFound(_)) {
