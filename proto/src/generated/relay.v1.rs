@@ -418,6 +418,17 @@ pub struct PoolStatusResponse {
     /// Why the XDP fast path is not running; empty when it is.
     #[prost(string, tag = "10")]
     pub fast_path_unavailable: ::prost::alloc::string::String,
+    /// This run of the daemon: a random id, new at every start. A client that sees it change knows
+    /// the relay restarted (channels it holds were kept if the daemon persists them; channel ids
+    /// stay unique across restarts either way).
+    #[prost(string, tag = "11")]
+    pub instance_id: ::prost::alloc::string::String,
+    /// When this run of the daemon started.
+    #[prost(message, optional, tag = "12")]
+    pub started_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// Channels this run took over from the previous one at start (kept calls).
+    #[prost(uint32, tag = "13")]
+    pub adopted_at_start: u32,
 }
 /// What a channel is used for. One pool serves every kind; they are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
