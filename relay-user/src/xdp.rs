@@ -99,6 +99,97 @@ pub struct Attachment {
 struct Maps {
     channels: HashMap<MapData, ChannelKey, Channel>,
     state: Array<MapData, ChannelState>,
+    /// The last write to `channels` may have freed an element that a running program still
+    /// reads: wait for an RCU grace period before the next write ([`Maps::quiesce`]).
+    freed: bool,
+}
+
+impl Maps {
+    /// Waits, if the last channel write may have freed an element, until every program run
+    /// that started before it has finished (an RCU grace period), so the next write cannot
+    /// reuse memory a program still reads, nor race a late counter update into a state entry
+    /// it zeroes. See ARCHITECTURE.md (relay-ebpf) for why the map needs this.
+    fn quiesce(&mut self) {
+        if std::mem::take(&mut self.freed) {
+            rcu_grace_period();
+        }
+    }
+
+    fn zero_state(&mut self, port: u16) -> Result<(), DataPathError> {
+        self.quiesce();
+        self.state
+            .set(channel_index(port), ChannelState::default(), 0)
+            .map_err(|source| DataPathError::Map {
+                map: CHANNEL_STATS_MAP,
+                source,
+            })
+    }
+
+    fn write_channel(&mut self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.quiesce();
+        let r = self
+            .channels
+            .insert(ChannelKey::for_port(port), *channel, 0)
+            .map_err(|source| DataPathError::Map {
+                map: CHANNELS_MAP,
+                source,
+            });
+        // Replacing a value frees the old element (into the map's free list).
+        self.freed = true;
+        r
+    }
+
+    fn delete_channel(&mut self, port: u16) -> Result<(), DataPathError> {
+        self.quiesce();
+        let r = self
+            .channels
+            .remove(&ChannelKey::for_port(port))
+            .map_err(|_| DataPathError::NotFound(port));
+        self.freed = true;
+        r
+    }
+}
+
+/// Waits for an RCU grace period: `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`
+/// in the kernel, and every XDP program run is an RCU read-side critical section. Where the
+/// command is refused (`nohz_full` kernels), a generous sleep stands in for it.
+fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory of this process.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+        )
+    };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// An exclusive `flock` on the pin directory, held while the fast path runs: two processes
+/// writing one set of pinned maps would undo each other's channels.
+fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .with_context(|| format!("opening pin directory {}", dir.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "pin directory {} is in use by another homerelay process (or relay) on this \
+                 host; give each relay its own pin directory",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("locking pin directory {}", dir.display()));
+    }
+    Ok(file.into())
 }
 
 /// How often cached next hops are invalidated (the program then asks the FIB again on the
@@ -161,6 +252,8 @@ pub struct XdpDataPath {
     /// The network namespace the program was attached in: detaching (netlink, for kernels or
     /// drivers without XDP links) must happen there, whichever thread drops this.
     netns: Option<std::fs::File>,
+    /// The exclusive lock on the pin directory; released last.
+    _pin_lock: std::os::fd::OwnedFd,
 }
 
 impl std::fmt::Debug for XdpDataPath {
@@ -243,6 +336,7 @@ impl XdpDataPath {
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
         ensure_pin_dir(&pin_dir)?;
+        let pin_lock = lock_pin_dir(&pin_dir)?;
         let ifindexes = opts
             .interfaces
             .iter()
@@ -299,7 +393,11 @@ impl XdpDataPath {
             });
         }
         Ok(Self {
-            maps: Mutex::new(Maps { channels, state }),
+            maps: Mutex::new(Maps {
+                channels,
+                state,
+                freed: false,
+            }),
             counters,
             _fib_refresher: fib_refresher,
             attachments,
@@ -309,7 +407,24 @@ impl XdpDataPath {
             ebpf: Mutex::new(ebpf),
             links,
             netns: current_netns(),
+            _pin_lock: pin_lock,
         })
+    }
+
+    /// Installs `channel` on `port` as a new channel: its state entry (counters, RTP quality,
+    /// next-hop cache) is zeroed first, whatever a previous channel on the port left there.
+    pub fn install_new(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        let mut maps = self.lock();
+        maps.zero_state(port)?;
+        maps.write_channel(port, channel)
+    }
+
+    /// Writes `channel` on `port` and keeps the state entry (an update of a live channel; the
+    /// next-hop cache revalidates against the new addresses by itself).
+    pub fn replace(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        self.lock().write_channel(port, channel)
     }
 
     /// The interfaces the program runs on, and in which mode.
@@ -515,29 +630,14 @@ impl DataPath for XdpDataPath {
         // A new channel starts with fresh counters and an empty next-hop cache; a replaced one
         // keeps them (the cache revalidates against the new addresses by itself).
         if maps.channels.get(&key, 0).is_err() {
-            maps.state
-                .set(channel_index(port), ChannelState::default(), 0)
-                .map_err(|source| DataPathError::Map {
-                    map: CHANNEL_STATS_MAP,
-                    source,
-                })?;
+            maps.zero_state(port)?;
         }
-        maps.channels
-            .insert(key, *channel, 0)
-            .map_err(|source| DataPathError::Map {
-                map: CHANNELS_MAP,
-                source,
-            })
+        maps.write_channel(port, channel)
     }
 
     fn remove(&self, port: u16) -> Result<(), DataPathError> {
         self.check_port(port)?;
-        let key = ChannelKey::for_port(port);
-        let mut maps = self.lock();
-        maps.channels
-            .remove(&key)
-            .map_err(|_| DataPathError::NotFound(port))?;
-        Ok(())
+        self.lock().delete_channel(port)
     }
 
     fn channel(&self, port: u16) -> Result<Channel, DataPathError> {
