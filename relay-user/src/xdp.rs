@@ -127,15 +127,18 @@ impl Maps {
 
     fn write_channel(&mut self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.quiesce();
+        let key = ChannelKey::for_port(port);
+        // Replacing a value frees the old element (into the map's free list); adding a key
+        // frees nothing.
+        let replaces = self.channels.get(&key, 0).is_ok();
         let r = self
             .channels
-            .insert(ChannelKey::for_port(port), *channel, 0)
+            .insert(key, *channel, 0)
             .map_err(|source| DataPathError::Map {
                 map: CHANNELS_MAP,
                 source,
             });
-        // Replacing a value frees the old element (into the map's free list).
-        self.freed = true;
+        self.freed |= replaces || r.is_err();
         r
     }
 
