@@ -99,24 +99,10 @@ pub struct Attachment {
 struct Maps {
     channels: HashMap<MapData, ChannelKey, Channel>,
     state: Array<MapData, ChannelState>,
-    /// The last write to `channels` may have freed an element that a running program still
-    /// reads: wait for an RCU grace period before the next write ([`Maps::quiesce`]).
-    freed: bool,
 }
 
 impl Maps {
-    /// Waits, if the last channel write may have freed an element, until every program run
-    /// that started before it has finished (an RCU grace period), so the next write cannot
-    /// reuse memory a program still reads, nor race a late counter update into a state entry
-    /// it zeroes. See ARCHITECTURE.md (relay-ebpf) for why the map needs this.
-    fn quiesce(&mut self) {
-        if std::mem::take(&mut self.freed) {
-            rcu_grace_period();
-        }
-    }
-
     fn zero_state(&mut self, port: u16) -> Result<(), DataPathError> {
-        self.quiesce();
         self.state
             .set(channel_index(port), ChannelState::default(), 0)
             .map_err(|source| DataPathError::Map {
@@ -125,8 +111,8 @@ impl Maps {
             })
     }
 
-    fn write_channel(&mut self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
-        self.quiesce();
+    /// Writes the channel; the flag says whether an element was freed (a value replaced).
+    fn write_channel(&mut self, port: u16, channel: &Channel) -> (Result<(), DataPathError>, bool) {
         let key = ChannelKey::for_port(port);
         // Replacing a value frees the old element (into the map's free list); adding a key
         // frees nothing.
@@ -138,18 +124,16 @@ impl Maps {
                 map: CHANNELS_MAP,
                 source,
             });
-        self.freed |= replaces || r.is_err();
-        r
+        let failed = r.is_err();
+        (r, replaces || failed)
     }
 
-    fn delete_channel(&mut self, port: u16) -> Result<(), DataPathError> {
-        self.quiesce();
+    fn delete_channel(&mut self, port: u16) -> (Result<(), DataPathError>, bool) {
         let r = self
             .channels
             .remove(&ChannelKey::for_port(port))
             .map_err(|_| DataPathError::NotFound(port));
-        self.freed = true;
-        r
+        (r, true)
     }
 }
 
@@ -243,6 +227,11 @@ impl Drop for FibRefresher {
 /// The loaded and attached XDP program with its maps.
 pub struct XdpDataPath {
     maps: Mutex<Maps>,
+    /// Serialises writes to the channel map and says whether the last one may have freed an
+    /// element a running program still reads ([`XdpDataPath::write`]). Separate from `maps`,
+    /// so readers (counters, the Handover policy's look-ups from a worker) never wait for a
+    /// grace period.
+    writes: Mutex<bool>,
     counters: PerCpuArray<MapData, u64>,
     _fib_refresher: FibRefresher,
     attachments: Vec<Attachment>,
@@ -396,11 +385,8 @@ impl XdpDataPath {
             });
         }
         Ok(Self {
-            maps: Mutex::new(Maps {
-                channels,
-                state,
-                freed: false,
-            }),
+            maps: Mutex::new(Maps { channels, state }),
+            writes: Mutex::new(false),
             counters,
             _fib_refresher: fib_refresher,
             attachments,
@@ -418,16 +404,17 @@ impl XdpDataPath {
     /// next-hop cache) is zeroed first, whatever a previous channel on the port left there.
     pub fn install_new(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
-        let mut maps = self.lock();
-        maps.zero_state(port)?;
-        maps.write_channel(port, channel)
+        self.write(|maps| match maps.zero_state(port) {
+            Ok(()) => maps.write_channel(port, channel),
+            Err(e) => (Err(e), false),
+        })
     }
 
     /// Writes `channel` on `port` and keeps the state entry (an update of a live channel; the
     /// next-hop cache revalidates against the new addresses by itself).
     pub fn replace(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
-        self.lock().write_channel(port, channel)
+        self.write(|maps| maps.write_channel(port, channel))
     }
 
     /// The interfaces the program runs on, and in which mode.
@@ -517,6 +504,24 @@ impl XdpDataPath {
         }
         let _ = std::fs::remove_dir(&dir);
         Ok(())
+    }
+
+    /// Runs one write (`f` returns its result and whether it freed an element). If the
+    /// previous write freed one, first waits for an RCU grace period: every program run that
+    /// could still read the freed element, or count into a state entry about to be zeroed for
+    /// a removed channel, has finished, so the write can neither reuse memory a program reads
+    /// nor race a late counter update. See ARCHITECTURE.md (the channel map).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Maps) -> (Result<T, DataPathError>, bool),
+    ) -> Result<T, DataPathError> {
+        let mut freed = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut *freed) {
+            rcu_grace_period();
+        }
+        let (r, f) = f(&mut self.lock());
+        *freed = f;
+        r
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -629,18 +634,21 @@ impl DataPath for XdpDataPath {
     fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
         let key = ChannelKey::for_port(port);
-        let mut maps = self.lock();
         // A new channel starts with fresh counters and an empty next-hop cache; a replaced one
         // keeps them (the cache revalidates against the new addresses by itself).
-        if maps.channels.get(&key, 0).is_err() {
-            maps.zero_state(port)?;
-        }
-        maps.write_channel(port, channel)
+        self.write(|maps| {
+            if maps.channels.get(&key, 0).is_err()
+                && let Err(e) = maps.zero_state(port)
+            {
+                return (Err(e), false);
+            }
+            maps.write_channel(port, channel)
+        })
     }
 
     fn remove(&self, port: u16) -> Result<(), DataPathError> {
         self.check_port(port)?;
-        self.lock().delete_channel(port)
+        self.write(|maps| maps.delete_channel(port))
     }
 
     fn channel(&self, port: u16) -> Result<Channel, DataPathError> {
