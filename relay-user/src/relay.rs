@@ -200,9 +200,25 @@ impl Core {
             // Removed, or replaced by a new channel, since the worker latched.
             return;
         }
+        // The worker's current view, not the notice's copy: an update that ran after this
+        // latch (and went to the worker first) must not be overwritten by an older channel,
+        // nor reported with a latch it replaced.
+        let current = match self.userspace.channel(n.port) {
+            Ok(ch) => ch,
+            Err(e) => {
+                log::warn!("channel {} vanished from user space: {e}", n.port);
+                return;
+            }
+        };
+        let endpoint = |ch: &Channel, leg: usize, c: usize| {
+            let l = &ch.legs[leg];
+            if c == 0 { l.rtp } else { l.rtcp }
+        };
         for (leg, c) in n.latched() {
-            let l = &n.channel.legs[leg];
-            let ep = if c == 0 { l.rtp } else { l.rtcp };
+            let ep = endpoint(&n.channel, leg, c);
+            if endpoint(&current, leg, c) != ep {
+                continue;
+            }
             if let Some(addr) = ep.socket_addr() {
                 self.emit(DataPathEvent::Latched {
                     port: n.port,
@@ -217,12 +233,7 @@ impl Core {
                 });
             }
         }
-        // The worker's current view, not the notice's copy: an update that ran after this
-        // latch (and went to the worker first) must not be overwritten by an older channel.
-        match self.userspace.channel(n.port) {
-            Ok(ch) => self.push(n.port, n.generation, &ch, false),
-            Err(e) => log::warn!("channel {} vanished from user space: {e}", n.port),
-        }
+        self.push(n.port, n.generation, &current, false);
         drop(table);
     }
 }
