@@ -273,6 +273,7 @@ pub fn start(tb: &Testbed, kind: RelayKind, p: RelayParams) -> anyhow::Result<Ru
                 workers: p.workers,
                 xdp,
                 require_xdp: true,
+                events: None,
             })
             .context("starting the relay")?;
             let tids: Vec<i32> = cpu::all_threads_cpu_ns()

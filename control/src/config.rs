@@ -570,6 +570,7 @@ impl Config {
                 pin_dir: Some(self.xdp.pin_dir.clone()),
             }),
             require_xdp: self.xdp.require,
+            events: None,
         }
     }
 

@@ -78,10 +78,7 @@ impl Dataplane for Relay {
     }
 
     fn inherited_ports(&self) -> Vec<u16> {
-        self.xdp()
-            .and_then(|x| x.channels().ok())
-            .map(|c| c.into_iter().map(|(port, _)| port).collect())
-            .unwrap_or_default()
+        self.inherited().into_iter().map(|(port, _)| port).collect()
     }
 }
 

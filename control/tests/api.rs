@@ -679,6 +679,7 @@ async fn the_server_refuses_to_start_without_required_authentication() {
         workers: 1,
         xdp: None,
         require_xdp: false,
+        events: None,
     })
     .expect("relay");
     let layout = relay_core::allocator::Layout::custom(42160, 42179, 10, 1).expect("layout");

@@ -86,6 +86,7 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
                 pin_dir: Some(pin_dir),
             }),
             require_xdp: true,
+            events: None,
         })
         .expect("the relay with its fast path")
     });

@@ -82,6 +82,7 @@ impl MetricsServer {
                 workers: 1,
                 xdp: None,
                 require_xdp: false,
+                events: None,
             })
             .expect("start the user-space relay"),
         );

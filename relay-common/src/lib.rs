@@ -15,9 +15,13 @@ use core::mem::size_of;
 pub mod quality;
 pub use quality::{DEFAULT_CLOCK_RATE, RtpState};
 
-/// Name of the channel table (`HashMap<ChannelKey, Channel>`), written by user space only.
-/// A hash map, not an array: the kernel replaces a hash value atomically (RCU), so the
-/// program never sees half of an update.
+/// Name of the channel table (`HashMap<ChannelKey, Channel>`, preallocated), written by user
+/// space only. A hash map, not an array: an update links a fully written element in place of
+/// the old one, so the program never sees half of an update (an array value is copied in
+/// place and can be read torn). A replaced or deleted element goes back to the map's free
+/// list at once and may be reused by the next write while a program still reads it, so user
+/// space waits for an RCU grace period after every write before the next one
+/// (`relay_user::xdp`; ARCHITECTURE.md explains the choice).
 pub const CHANNELS_MAP: &str = "HR_CHANNELS";
 /// Name of the per-channel fast-path state (`Array<ChannelState>` indexed by
 /// [`channel_index`]): counters and

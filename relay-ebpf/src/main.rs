@@ -195,7 +195,8 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let key = ChannelKey::for_port(dport);
     let channel = HR_CHANNELS.get_ptr(key).ok_or(Counter::PassNoChannel)?;
     // SAFETY: the pointer comes from a successful map lookup and stays valid for this run; user
-    // space replaces values atomically (map update), so the fields read are consistent.
+    // space replaces values by linking a new element (map update) and waits for an RCU grace
+    // period before a later write could reuse the old one, so the fields read are consistent.
     let channel: &Channel = unsafe { &*channel };
     if channel.flags & CHANNEL_USERSPACE_ONLY != 0 {
         return Err(Counter::PassUserspaceOnly);

@@ -151,6 +151,15 @@ pub struct LatchState {
     alive_until_ns: [u64; 2],
 }
 
+impl LatchState {
+    /// Forgets what was learnt about `leg` (its configuration was replaced), keeping the other
+    /// leg's learning progress.
+    pub fn forget_leg(&mut self, leg: usize) {
+        self.candidates[leg & 1] = [None, None];
+        self.alive_until_ns[leg & 1] = 0;
+    }
+}
+
 /// Applies the forwarding rule to a datagram from `src` that arrived on relay port
 /// `relay_port` at `now_ns` (`CLOCK_MONOTONIC`), latching in `channel` when its policy says so.
 ///

@@ -15,4 +15,5 @@ pub mod userspace;
 pub mod xdp;
 
 pub use datapath::{DataPath, DataPathError};
-pub use relay::{Relay, RelayOptions};
+pub use forward::Component;
+pub use relay::{DataPathEvent, DataPathEvents, Relay, RelayOptions};

@@ -9,22 +9,68 @@
 //! forwarded by XDP for a channel user space does not know. If the fast path fails (load,
 //! attach, map update) the relay keeps working in user space and says why.
 //!
+//! Ordering (the second invariant): every change of a channel — install, update, removal,
+//! adoption, and the push of a latched channel into the fast path — happens under one lock
+//! over the relay's per-port table, which gives each channel a *generation* when it is
+//! installed (a new generation for every new channel on a port, kept by updates). Removal takes
+//! the channel out of the fast path and out of user space under that lock, as one step. A
+//! worker that latches never takes the lock (a control-plane call holds it while waiting for
+//! that worker): it hands a [`LatchNotice`] to the *fast-path pusher* thread, which takes the
+//! lock, drops the notice unless its generation is still the port's current one, and only then
+//! writes the worker's current view of the channel into the XDP map. So no latch can bring back
+//! a removed channel, and none can overwrite a newer update with an older channel.
+//!
 //! Counters of the two paths are merged in [`Relay::stats`]: packets, bytes, RTP loss and
 //! reordering add up; the RTP sequence and jitter state come from the path that saw the
-//! direction's latest RTP packet (`relay_common::RtpState::merge`).
-use std::sync::Arc;
+//! direction's latest RTP packet (`relay_common::RtpState::merge`). A new channel on a port
+//! starts from zero on both paths; an update keeps them.
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread::JoinHandle;
 
 use anyhow::Context as _;
 use relay_common::{Channel, ChannelStats};
 
 use crate::{
     datapath::{DataPath, DataPathError},
-    userspace::{ChannelObserver, FastPathLastSeen, UserspaceConfig, UserspaceRelay},
+    forward::Component,
+    userspace::{FastPathLastSeen, LatchNotice, LatchObserver, UserspaceConfig, UserspaceRelay},
     xdp::{XdpDataPath, XdpOptions},
 };
 
+/// What the data path reports as it happens (see [`DataPathEvents`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPathEvent {
+    /// User space latched an endpoint of the channel on `port` (generation `generation`):
+    /// `addr` is now the confirmed source of `leg`'s `component`.
+    Latched {
+        port: u16,
+        generation: u64,
+        /// [`relay_common::LEG_A`] or [`relay_common::LEG_B`].
+        leg: usize,
+        component: Component,
+        addr: SocketAddr,
+    },
+    /// The channel on `port` (generation `generation`) was written into the XDP map with both
+    /// legs' RTP endpoints latched: from now on the fast path forwards it. Sent after a latch
+    /// is pushed, and after an install, update or adoption that leaves the fast path holding
+    /// such a channel.
+    FastPath { port: u16, generation: u64 },
+}
+
+/// The sink of [`DataPathEvent`]s, called from the relay's own threads (the fast-path pusher,
+/// or the caller of install/update/adopt) **while the relay's channel lock is held**.
+///
+/// It must not block and must not call back into the [`Relay`]: forward the event into a
+/// channel (an unbounded one, or drop on full) and return. In exchange, events of one port
+/// arrive in causal order (a `Latched` before the `FastPath` it led to), carry the generation
+/// of the channel they are about, and none arrives for a generation after the `remove` that
+/// ended it has returned.
+pub type DataPathEvents = Arc<dyn Fn(DataPathEvent) + Send + Sync>;
+
 /// How to run the relay.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RelayOptions {
     /// Lowest relay port (inclusive); channels use even ports, RTCP the odd port above.
     pub port_min: u16,
@@ -37,6 +83,21 @@ pub struct RelayOptions {
     /// Fail to start if the fast path cannot be loaded (tests, benchmarks); otherwise the relay
     /// falls back to user space and logs why.
     pub require_xdp: bool,
+    /// Where latches and moves to the fast path are reported; `None` = nowhere.
+    pub events: Option<DataPathEvents>,
+}
+
+impl std::fmt::Debug for RelayOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayOptions")
+            .field("port_min", &self.port_min)
+            .field("port_max", &self.port_max)
+            .field("workers", &self.workers)
+            .field("xdp", &self.xdp)
+            .field("require_xdp", &self.require_xdp)
+            .field("events", &self.events.is_some())
+            .finish()
+    }
 }
 
 impl Default for RelayOptions {
@@ -48,28 +109,174 @@ impl Default for RelayOptions {
             workers: 0,
             xdp: None,
             require_xdp: false,
+            events: None,
         }
     }
 }
 
-/// The running relay.
-pub struct Relay {
+/// The relay's per-port table, changed only under [`Core::table`].
+#[derive(Default)]
+struct Table {
+    /// The last generation handed out (the first channel gets 1).
+    last_generation: u64,
+    /// Current generation of every installed channel, by even port.
+    ports: HashMap<u16, u64>,
+    /// Channels found in the pinned maps at start, neither adopted nor removed yet. The fast
+    /// path keeps forwarding them meanwhile; user space does not know them.
+    inherited: BTreeMap<u16, Channel>,
+}
+
+impl Table {
+    fn next_generation(&mut self) -> u64 {
+        self.last_generation += 1;
+        self.last_generation
+    }
+}
+
+/// What the relay's threads share.
+struct Core {
     userspace: UserspaceRelay,
     xdp: Option<Arc<XdpDataPath>>,
+    events: Option<DataPathEvents>,
+    table: Mutex<Table>,
+}
+
+/// Whether the fast path forwards `ch`'s RTP: both legs' RTP endpoints latched and the channel
+/// not reserved for user space.
+fn forwardable(ch: &Channel) -> bool {
+    ch.flags & relay_common::CHANNEL_USERSPACE_ONLY == 0
+        && ch.legs.iter().all(|l| l.rtp.is_latched())
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Every change under the lock is completed or undone before a fallible step returns,
+        // so a poisoned lock still guards a consistent table.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, e: DataPathEvent) {
+        if let Some(sink) = &self.events {
+            sink(e);
+        }
+    }
+
+    /// Writes `ch` into the fast path (as a new channel, zeroing its state, or as an update)
+    /// and reports `FastPath` when the fast path now forwards it. Fail open: a refused write
+    /// leaves the channel to user space. Called with the table lock held.
+    fn push(&self, port: u16, generation: u64, ch: &Channel, new: bool) {
+        let Some(xdp) = &self.xdp else { return };
+        let r = if new {
+            xdp.install_new(port, ch)
+        } else {
+            xdp.replace(port, ch)
+        };
+        match r {
+            Ok(()) if forwardable(ch) => self.emit(DataPathEvent::FastPath { port, generation }),
+            Ok(()) => {}
+            Err(e) => log::warn!("channel {port} stays in user space: {e}"),
+        }
+    }
+
+    /// An update of the live channel on `port`; the table lock is held by the caller.
+    fn update_locked(
+        &self,
+        port: u16,
+        generation: u64,
+        channel: &Channel,
+        replace: [bool; 2],
+    ) -> Result<Channel, DataPathError> {
+        let installed = self
+            .userspace
+            .install_with(port, channel, replace, generation)?;
+        self.push(port, generation, &installed, false);
+        Ok(installed)
+    }
+
+    /// The fast-path pusher's handling of one latch.
+    fn on_latch(&self, n: &LatchNotice) {
+        let table = self.lock();
+        if table.ports.get(&n.port) != Some(&n.generation) {
+            // Removed, or replaced by a new channel, since the worker latched.
+            return;
+        }
+        // The worker's current view, not the notice's copy: an update that ran after this
+        // latch (and went to the worker first) must not be overwritten by an older channel,
+        // nor reported with a latch it replaced.
+        let current = match self.userspace.channel(n.port) {
+            Ok(ch) => ch,
+            Err(e) => {
+                log::warn!("channel {} vanished from user space: {e}", n.port);
+                return;
+            }
+        };
+        let endpoint = |ch: &Channel, leg: usize, c: usize| {
+            let l = &ch.legs[leg];
+            if c == 0 { l.rtp } else { l.rtcp }
+        };
+        for (leg, c) in n.latched() {
+            let ep = endpoint(&n.channel, leg, c);
+            if endpoint(&current, leg, c) != ep {
+                continue;
+            }
+            if let Some(addr) = ep.socket_addr() {
+                self.emit(DataPathEvent::Latched {
+                    port: n.port,
+                    generation: n.generation,
+                    leg,
+                    component: if c == 0 {
+                        Component::Rtp
+                    } else {
+                        Component::Rtcp
+                    },
+                    addr,
+                });
+            }
+        }
+        self.push(n.port, n.generation, &current, false);
+        drop(table);
+    }
+}
+
+/// Messages to the fast-path pusher.
+enum PusherMsg {
+    Latch(Box<LatchNotice>),
+    Stop,
+}
+
+/// The running relay.
+pub struct Relay {
+    core: Arc<Core>,
+    pusher: Option<(mpsc::Sender<PusherMsg>, JoinHandle<()>)>,
     xdp_unavailable: Option<String>,
 }
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
-            .field("xdp", &self.xdp)
+            .field("xdp", &self.core.xdp)
             .field("xdp_unavailable", &self.xdp_unavailable)
             .finish_non_exhaustive()
     }
 }
 
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some((tx, thread)) = self.pusher.take() {
+            let _ = tx.send(PusherMsg::Stop);
+            if thread.join().is_err() {
+                log::error!("the fast-path pusher panicked");
+            }
+        }
+    }
+}
+
 impl Relay {
     /// Starts the relay in the calling thread's network namespace.
+    ///
+    /// Channels found in the pinned maps of a previous process are neither adopted nor
+    /// removed: the fast path keeps forwarding them, and [`Relay::inherited`] lists them until
+    /// the owner decides, per channel, to [`Relay::adopt`] or [`DataPath::remove`] it.
     pub fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         if opts.port_min > opts.port_max {
             anyhow::bail!("empty relay port range {}-{}", opts.port_min, opts.port_max);
@@ -91,13 +298,16 @@ impl Relay {
                 }
             },
         };
-        let observer: Option<ChannelObserver> = xdp.clone().map(|x| {
-            let push: ChannelObserver = Arc::new(move |port: u16, ch: &Channel| {
-                if let Err(e) = x.install(port, ch) {
-                    log::warn!("cannot hand channel {port} to the fast path: {e}");
-                }
+        // Latches go to the pusher whenever someone needs them: the fast path or the sink.
+        let pusher_channel =
+            (xdp.is_some() || opts.events.is_some()).then(mpsc::channel::<PusherMsg>);
+        let observer: Option<LatchObserver> = pusher_channel.as_ref().map(|(tx, _)| {
+            let tx = tx.clone();
+            let o: LatchObserver = Arc::new(move |n: &LatchNotice| {
+                // Unbounded: the worker never waits for the pusher.
+                let _ = tx.send(PusherMsg::Latch(Box::new(*n)));
             });
-            push
+            o
         });
         let workers = if opts.workers == 0 {
             std::thread::available_parallelism()
@@ -122,42 +332,51 @@ impl Relay {
             });
             f
         });
-        let userspace = UserspaceRelay::start_with_fast_path(cfg, observer, last_seen)
+        let userspace = UserspaceRelay::start_with_hooks(cfg, observer, last_seen)
             .context("starting the user-space relay")?;
-        let relay = Relay {
-            userspace,
-            xdp,
-            xdp_unavailable,
-        };
-        relay.adopt_pinned_channels();
-        Ok(relay)
-    }
-
-    /// Channels found in pinned maps (a previous process) are taken over by user space, or
-    /// removed from the fast path if their ports cannot be bound.
-    fn adopt_pinned_channels(&self) {
-        let Some(xdp) = &self.xdp else { return };
-        let channels = match xdp.channels() {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("cannot read inherited channels: {e}");
-                return;
-            }
-        };
-        for (port, ch) in channels {
-            match self.userspace.install(port, &ch) {
-                Ok(()) => log::info!("adopted channel {port} from the pinned maps"),
-                Err(e) => {
-                    log::warn!("dropping inherited channel {port}: {e}");
-                    let _ = xdp.remove(port);
+        let mut table = Table::default();
+        if let Some(x) = &xdp {
+            match x.channels() {
+                Ok(found) => {
+                    for (port, ch) in found {
+                        log::info!("channel {port} inherited from the pinned maps");
+                        table.inherited.insert(port, ch);
+                    }
                 }
+                Err(e) => log::warn!("cannot read inherited channels: {e}"),
             }
         }
+        let core = Arc::new(Core {
+            userspace,
+            xdp,
+            events: opts.events,
+            table: Mutex::new(table),
+        });
+        let pusher = match pusher_channel {
+            None => None,
+            Some((tx, rx)) => {
+                let c = Arc::clone(&core);
+                let thread = std::thread::Builder::new()
+                    .name("hr-fast-push".into())
+                    .spawn(move || {
+                        while let Ok(PusherMsg::Latch(n)) = rx.recv() {
+                            c.on_latch(&n);
+                        }
+                    })
+                    .context("starting the fast-path pusher")?;
+                Some((tx, thread))
+            }
+        };
+        Ok(Relay {
+            core,
+            pusher,
+            xdp_unavailable,
+        })
     }
 
     /// The fast path, if it is running.
     pub fn xdp(&self) -> Option<&XdpDataPath> {
-        self.xdp.as_deref()
+        self.core.xdp.as_deref()
     }
 
     /// Why the fast path is not running, if it is not.
@@ -167,47 +386,152 @@ impl Relay {
 
     /// The user-space path.
     pub fn userspace(&self) -> &UserspaceRelay {
-        &self.userspace
+        &self.core.userspace
+    }
+
+    /// Channels a previous process left in the pinned maps that have been neither adopted nor
+    /// removed yet, by even port, as the fast path holds them (with their latched endpoints).
+    /// Empty without the fast path.
+    pub fn inherited(&self) -> Vec<(u16, Channel)> {
+        self.core
+            .lock()
+            .inherited
+            .iter()
+            .map(|(&p, &c)| (p, c))
+            .collect()
+    }
+
+    /// Takes over the inherited channel on `port` ([`Relay::inherited`]): binds its user-space
+    /// sockets with the pinned channel as it is (latched endpoints kept), and leaves the fast
+    /// path's copy and its state (counters, RTP quality, next hops) untouched. User-space
+    /// counters start at zero. Returns the channel's new generation. `NotFound` if the port
+    /// holds no inherited channel; a bind failure leaves it inherited (remove it then).
+    pub fn adopt(&self, port: u16) -> Result<u64, DataPathError> {
+        let core = &self.core;
+        let mut table = core.lock();
+        let ch = *table
+            .inherited
+            .get(&port)
+            .ok_or(DataPathError::NotFound(port))?;
+        let generation = table.next_generation();
+        let installed = core
+            .userspace
+            .install_with(port, &ch, [true; 2], generation)?;
+        table.inherited.remove(&port);
+        table.ports.insert(port, generation);
+        if forwardable(&installed) {
+            core.emit(DataPathEvent::FastPath { port, generation });
+        }
+        Ok(generation)
+    }
+
+    /// The generation of the channel installed on `port`, if any: a new one for every channel
+    /// installed (or adopted) on the port, kept by updates. Events carry it.
+    pub fn generation(&self, port: u16) -> Option<u64> {
+        self.core.lock().ports.get(&port).copied()
+    }
+
+    /// Installs a new channel on `port`, or updates the one there (see
+    /// [`Relay::update_channel`] with both legs replaced). A new channel, also one replacing
+    /// an inherited channel, starts with zeroed counters and state on both paths. Returns its
+    /// generation.
+    pub fn install_channel(&self, port: u16, channel: &Channel) -> Result<u64, DataPathError> {
+        let core = &self.core;
+        let mut table = core.lock();
+        if let Some(&generation) = table.ports.get(&port) {
+            core.update_locked(port, generation, channel, [true; 2])?;
+            return Ok(generation);
+        }
+        if table.inherited.remove(&port).is_some()
+            && let Some(xdp) = &core.xdp
+            && let Err(e) = xdp.remove(port)
+        {
+            log::warn!("removing inherited channel {port} from the fast path: {e}");
+        }
+        let generation = table.next_generation();
+        let installed = core
+            .userspace
+            .install_with(port, channel, [true; 2], generation)?;
+        table.ports.insert(port, generation);
+        core.push(port, generation, &installed, true);
+        Ok(generation)
+    }
+
+    /// Updates the channel on `port`: legs whose `replace` flag is set take `channel`'s legs;
+    /// the others keep what the relay holds, latched endpoints included (decided by the
+    /// owning worker, so no latch is lost in between); policy, clock rate and flags come from
+    /// `channel`. Counters and state are kept, and so is the generation. The resulting channel
+    /// goes to the fast path at once (so a channel that keeps its latched legs stays there)
+    /// and is returned. `NotFound` if no channel is installed on `port`.
+    pub fn update_channel(
+        &self,
+        port: u16,
+        channel: &Channel,
+        replace: [bool; 2],
+    ) -> Result<Channel, DataPathError> {
+        let core = &self.core;
+        let table = core.lock();
+        let generation = *table
+            .ports
+            .get(&port)
+            .ok_or(DataPathError::NotFound(port))?;
+        let installed = core.update_locked(port, generation, channel, replace);
+        drop(table);
+        installed
     }
 }
 
 impl DataPath for Relay {
     fn name(&self) -> &'static str {
-        if self.xdp.is_some() {
+        if self.core.xdp.is_some() {
             "xdp"
         } else {
             "userspace"
         }
     }
 
+    /// [`Relay::install_channel`].
     fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
-        self.userspace.install(port, channel)?;
-        if let Some(xdp) = &self.xdp {
-            // Fail open: the channel works in user space even if the fast path refuses it.
-            if let Err(e) = xdp.install(port, channel) {
-                log::warn!("channel {port} stays in user space: {e}");
-            }
-        }
-        Ok(())
+        self.install_channel(port, channel).map(|_| ())
     }
 
+    /// Removes the channel on `port` (installed, adopted or inherited) from the fast path and
+    /// from user space, as one step under the relay's lock: once this returns, no latch of the
+    /// removed channel reaches the fast path and no event of its generation is sent.
     fn remove(&self, port: u16) -> Result<(), DataPathError> {
-        if let Some(xdp) = &self.xdp {
+        let core = &self.core;
+        let mut table = core.lock();
+        let inherited = table.inherited.remove(&port).is_some();
+        let generation = table.ports.remove(&port);
+        if !inherited && generation.is_none() {
+            return Err(DataPathError::NotFound(port));
+        }
+        if let Some(xdp) = &core.xdp {
             match xdp.remove(port) {
                 Ok(()) | Err(DataPathError::NotFound(_)) => {}
                 Err(e) => log::warn!("removing channel {port} from the fast path: {e}"),
             }
         }
-        self.userspace.remove(port)
+        let Some(generation) = generation else {
+            return Ok(());
+        };
+        match core.userspace.remove(port) {
+            Ok(()) | Err(DataPathError::NotFound(_)) => Ok(()),
+            Err(e) => {
+                // Still bound in user space: keep it known so the caller can retry.
+                table.ports.insert(port, generation);
+                Err(e)
+            }
+        }
     }
 
     fn channel(&self, port: u16) -> Result<Channel, DataPathError> {
-        self.userspace.channel(port)
+        self.core.userspace.channel(port)
     }
 
     fn stats(&self, port: u16) -> Result<ChannelStats, DataPathError> {
-        let mut stats = self.userspace.stats(port)?;
-        if let Some(xdp) = &self.xdp
+        let mut stats = self.core.userspace.stats(port)?;
+        if let Some(xdp) = &self.core.xdp
             && let Ok(fast) = xdp.stats(port)
         {
             stats.merge(&fast);

@@ -73,6 +73,40 @@ impl Default for UserspaceConfig {
 /// [`DataPath::install`]/[`DataPath::remove`] from it (they return an error there).
 pub type ChannelObserver = Arc<dyn Fn(u16, &Channel) + Send + Sync>;
 
+/// What a worker reports after a packet latched an endpoint: the channel before and after,
+/// and the generation the channel was installed or last updated with
+/// ([`UserspaceRelay::install_with`]; 0 for [`DataPath::install`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatchNotice {
+    /// Even RTP port.
+    pub port: u16,
+    pub generation: u64,
+    /// The channel before the packet.
+    pub before: Channel,
+    /// The channel with the newly latched endpoint.
+    pub channel: Channel,
+}
+
+impl LatchNotice {
+    /// The endpoints this latch confirmed, as (leg, component index: 0 RTP, 1 RTCP).
+    pub fn latched(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..2).flat_map(move |leg| {
+            (0..2).filter_map(move |c| {
+                let pick = |ch: &Channel| {
+                    let l = &ch.legs[leg];
+                    if c == 0 { l.rtp } else { l.rtcp }
+                };
+                let (old, new) = (pick(&self.before), pick(&self.channel));
+                (new.is_latched() && new != old).then_some((leg, c))
+            })
+        })
+    }
+}
+
+/// Like [`ChannelObserver`], with the whole [`LatchNotice`]. The same rules apply: it runs on
+/// the worker's hot path and must neither block nor change channels.
+pub type LatchObserver = Arc<dyn Fn(&LatchNotice) + Send + Sync>;
+
 /// Called (from a worker thread) with a channel's even RTP port for the `CLOCK_MONOTONIC`
 /// time of the last packet the *fast path* forwarded from each leg (0 = never), or `None`.
 /// The Handover latching policy needs it to tell a silent leg from one the fast path carries;
@@ -325,6 +359,19 @@ impl UserspaceRelay {
         observer: Option<ChannelObserver>,
         fast_path_last_seen: Option<FastPathLastSeen>,
     ) -> Result<Self, DataPathError> {
+        let observer = observer.map(|o| {
+            let l: LatchObserver = Arc::new(move |n: &LatchNotice| o(n.port, &n.channel));
+            l
+        });
+        Self::start_with_hooks(cfg, observer, fast_path_last_seen)
+    }
+
+    /// [`Self::start_with_fast_path`] with a [`LatchObserver`].
+    pub fn start_with_hooks(
+        cfg: UserspaceConfig,
+        observer: Option<LatchObserver>,
+        fast_path_last_seen: Option<FastPathLastSeen>,
+    ) -> Result<Self, DataPathError> {
         if cfg.port_min > cfg.port_max {
             return Err(invalid("port_min is above port_max"));
         }
@@ -415,11 +462,11 @@ impl UserspaceRelay {
     }
 
     /// Sends a command to the worker owning `port` and waits for its answer.
-    fn request(
+    fn request<T>(
         &self,
         port: u16,
-        make: impl FnOnce(mpsc::SyncSender<Result<(), DataPathError>>) -> Command,
-    ) -> Result<(), DataPathError> {
+        make: impl FnOnce(mpsc::SyncSender<Result<T, DataPathError>>) -> Command,
+    ) -> Result<T, DataPathError> {
         let w = &self.workers[usize::from(port / 2) % self.workers.len()];
         if w.thread_id == thread::current().id() {
             return Err(DataPathError::Io(io::Error::new(
@@ -442,6 +489,40 @@ impl UserspaceRelay {
         }
     }
 
+    /// Installs the channel on `port`, or updates it: on an existing channel, legs whose
+    /// `replace` flag is false keep what the worker holds (latched endpoints, learning
+    /// progress), decided by the worker itself so that no latch is lost between a read and a
+    /// write. Counters are kept on an update and start at zero on a new channel. `generation`
+    /// is echoed in the [`LatchNotice`]s of this channel. Returns the channel as installed.
+    pub fn install_with(
+        &self,
+        port: u16,
+        channel: &Channel,
+        replace: [bool; 2],
+        generation: u64,
+    ) -> Result<Channel, DataPathError> {
+        self.check_port(port)?;
+        let _guard = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = self
+            .shared(port)
+            .unwrap_or_else(|_| Arc::new(ChannelShared::new(*channel)));
+        let channel = *channel;
+        let for_worker = Arc::clone(&shared);
+        let installed = self.request(port, |reply| Command::Install {
+            port,
+            channel,
+            replace,
+            generation,
+            shared: for_worker,
+            reply,
+        })?;
+        self.channels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port, shared);
+        Ok(installed)
+    }
+
     fn shared(&self, port: u16) -> Result<Arc<ChannelShared>, DataPathError> {
         let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         map.get(&port).cloned().ok_or(DataPathError::NotFound(port))
@@ -462,24 +543,7 @@ impl DataPath for UserspaceRelay {
     /// Binds the channel's RTP and RTCP sockets (in the owning worker) and returns once they
     /// are bound. On an existing port, replaces the channel and keeps sockets and counters.
     fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
-        self.check_port(port)?;
-        let _guard = self.control.lock().unwrap_or_else(PoisonError::into_inner);
-        let shared = self
-            .shared(port)
-            .unwrap_or_else(|_| Arc::new(ChannelShared::new(*channel)));
-        let channel = *channel;
-        let for_worker = Arc::clone(&shared);
-        self.request(port, |reply| Command::Install {
-            port,
-            channel,
-            shared: for_worker,
-            reply,
-        })?;
-        self.channels
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(port, shared);
-        Ok(())
+        self.install_with(port, channel, [true; 2], 0).map(|_| ())
     }
 
     /// Removes the channel and closes its sockets before returning.

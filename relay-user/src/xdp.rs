@@ -101,6 +101,84 @@ struct Maps {
     state: Array<MapData, ChannelState>,
 }
 
+impl Maps {
+    fn zero_state(&mut self, port: u16) -> Result<(), DataPathError> {
+        self.state
+            .set(channel_index(port), ChannelState::default(), 0)
+            .map_err(|source| DataPathError::Map {
+                map: CHANNEL_STATS_MAP,
+                source,
+            })
+    }
+
+    /// Writes the channel; the flag says whether an element was freed (a value replaced).
+    fn write_channel(&mut self, port: u16, channel: &Channel) -> (Result<(), DataPathError>, bool) {
+        let key = ChannelKey::for_port(port);
+        // Replacing a value frees the old element (into the map's free list); adding a key
+        // frees nothing.
+        let replaces = self.channels.get(&key, 0).is_ok();
+        let r = self
+            .channels
+            .insert(key, *channel, 0)
+            .map_err(|source| DataPathError::Map {
+                map: CHANNELS_MAP,
+                source,
+            });
+        let failed = r.is_err();
+        (r, replaces || failed)
+    }
+
+    fn delete_channel(&mut self, port: u16) -> (Result<(), DataPathError>, bool) {
+        let r = self
+            .channels
+            .remove(&ChannelKey::for_port(port))
+            .map_err(|_| DataPathError::NotFound(port));
+        (r, true)
+    }
+}
+
+/// Waits for an RCU grace period: `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`
+/// in the kernel, and every XDP program run is an RCU read-side critical section. Where the
+/// command is refused (`nohz_full` kernels), a generous sleep stands in for it.
+fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integer arguments and touches no memory of this process.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+        )
+    };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// An exclusive `flock` on the pin directory, held while the fast path runs: two processes
+/// writing one set of pinned maps would undo each other's channels.
+fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .with_context(|| format!("opening pin directory {}", dir.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "pin directory {} is in use by another homerelay process (or relay) on this \
+                 host; give each relay its own pin directory",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("locking pin directory {}", dir.display()));
+    }
+    Ok(file.into())
+}
+
 /// How often cached next hops are invalidated (the program then asks the FIB again on the
 /// next packet of each direction): the longest a changed route or neighbour MAC can be
 /// ignored by the fast path.
@@ -149,6 +227,11 @@ impl Drop for FibRefresher {
 /// The loaded and attached XDP program with its maps.
 pub struct XdpDataPath {
     maps: Mutex<Maps>,
+    /// Serialises writes to the channel map and says whether the last one may have freed an
+    /// element a running program still reads ([`XdpDataPath::write`]). Separate from `maps`,
+    /// so readers (counters, the Handover policy's look-ups from a worker) never wait for a
+    /// grace period.
+    writes: Mutex<bool>,
     counters: PerCpuArray<MapData, u64>,
     _fib_refresher: FibRefresher,
     attachments: Vec<Attachment>,
@@ -161,6 +244,8 @@ pub struct XdpDataPath {
     /// The network namespace the program was attached in: detaching (netlink, for kernels or
     /// drivers without XDP links) must happen there, whichever thread drops this.
     netns: Option<std::fs::File>,
+    /// The exclusive lock on the pin directory; released last.
+    _pin_lock: std::os::fd::OwnedFd,
 }
 
 impl std::fmt::Debug for XdpDataPath {
@@ -243,6 +328,7 @@ impl XdpDataPath {
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
         ensure_pin_dir(&pin_dir)?;
+        let pin_lock = lock_pin_dir(&pin_dir)?;
         let ifindexes = opts
             .interfaces
             .iter()
@@ -300,6 +386,7 @@ impl XdpDataPath {
         }
         Ok(Self {
             maps: Mutex::new(Maps { channels, state }),
+            writes: Mutex::new(false),
             counters,
             _fib_refresher: fib_refresher,
             attachments,
@@ -309,7 +396,25 @@ impl XdpDataPath {
             ebpf: Mutex::new(ebpf),
             links,
             netns: current_netns(),
+            _pin_lock: pin_lock,
         })
+    }
+
+    /// Installs `channel` on `port` as a new channel: its state entry (counters, RTP quality,
+    /// next-hop cache) is zeroed first, whatever a previous channel on the port left there.
+    pub fn install_new(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        self.write(|maps| match maps.zero_state(port) {
+            Ok(()) => maps.write_channel(port, channel),
+            Err(e) => (Err(e), false),
+        })
+    }
+
+    /// Writes `channel` on `port` and keeps the state entry (an update of a live channel; the
+    /// next-hop cache revalidates against the new addresses by itself).
+    pub fn replace(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
+        self.check_port(port)?;
+        self.write(|maps| maps.write_channel(port, channel))
     }
 
     /// The interfaces the program runs on, and in which mode.
@@ -399,6 +504,24 @@ impl XdpDataPath {
         }
         let _ = std::fs::remove_dir(&dir);
         Ok(())
+    }
+
+    /// Runs one write (`f` returns its result and whether it freed an element). If the
+    /// previous write freed one, first waits for an RCU grace period: every program run that
+    /// could still read the freed element, or count into a state entry about to be zeroed for
+    /// a removed channel, has finished, so the write can neither reuse memory a program reads
+    /// nor race a late counter update. See ARCHITECTURE.md (the channel map).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&mut Maps) -> (Result<T, DataPathError>, bool),
+    ) -> Result<T, DataPathError> {
+        let mut freed = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut *freed) {
+            rcu_grace_period();
+        }
+        let (r, f) = f(&mut self.lock());
+        *freed = f;
+        r
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
@@ -511,33 +634,21 @@ impl DataPath for XdpDataPath {
     fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
         let key = ChannelKey::for_port(port);
-        let mut maps = self.lock();
         // A new channel starts with fresh counters and an empty next-hop cache; a replaced one
         // keeps them (the cache revalidates against the new addresses by itself).
-        if maps.channels.get(&key, 0).is_err() {
-            maps.state
-                .set(channel_index(port), ChannelState::default(), 0)
-                .map_err(|source| DataPathError::Map {
-                    map: CHANNEL_STATS_MAP,
-                    source,
-                })?;
-        }
-        maps.channels
-            .insert(key, *channel, 0)
-            .map_err(|source| DataPathError::Map {
-                map: CHANNELS_MAP,
-                source,
-            })
+        self.write(|maps| {
+            if maps.channels.get(&key, 0).is_err()
+                && let Err(e) = maps.zero_state(port)
+            {
+                return (Err(e), false);
+            }
+            maps.write_channel(port, channel)
+        })
     }
 
     fn remove(&self, port: u16) -> Result<(), DataPathError> {
         self.check_port(port)?;
-        let key = ChannelKey::for_port(port);
-        let mut maps = self.lock();
-        maps.channels
-            .remove(&key)
-            .map_err(|_| DataPathError::NotFound(port))?;
-        Ok(())
+        self.write(|maps| maps.delete_channel(port))
     }
 
     fn channel(&self, port: u16) -> Result<Channel, DataPathError> {

@@ -168,6 +168,7 @@ fn run(path: Path) {
             workers: 2,
             xdp,
             require_xdp: true,
+            events: None,
         })
         .expect("relay")
     });

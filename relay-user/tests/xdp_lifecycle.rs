@@ -110,7 +110,7 @@ fn attach_modes_and_clean_detach() {
 }
 
 #[test]
-fn pinned_channels_survive_a_restart_and_are_adopted() {
+fn pinned_channels_survive_a_restart_and_can_be_adopted() {
     require_root();
     let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
     let pin = PinDir::new("restart");
@@ -125,6 +125,7 @@ fn pinned_channels_survive_a_restart_and_are_adopted() {
         workers: 1,
         xdp: Some(opts.clone()),
         require_xdp: true,
+        events: None,
     };
     let first = {
         let o = relay_opts.clone();
@@ -137,10 +138,41 @@ fn pinned_channels_survive_a_restart_and_are_adopted() {
         "channel map not pinned"
     );
 
-    // A new process (here: a new Relay) finds the channel in the pinned map and takes it over
-    // in user space too, so its ports are bound again.
-    let second = tb.run_in(Host::Relay, move || Relay::start(relay_opts).unwrap());
+    // A new process (here: a new Relay) finds the channel in the pinned map and lists it; it
+    // takes it over in user space only when told to, so its ports are bound again.
+    // The first relay's lock on the pin directory can outlive it for a moment while a forked
+    // child of another test thread (the testbeds run `ip`) still holds a copy of its
+    // descriptor, until that child execs: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let second = loop {
+        let o = relay_opts.clone();
+        match tb.run_in(Host::Relay, move || Relay::start(o)) {
+            Ok(r) => break r,
+            Err(e)
+                if format!("{e:#}").contains("is in use by another homerelay")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("restarting the relay: {e:#}"),
+        }
+    };
+    assert_eq!(second.inherited(), vec![(30600, sample())]);
     assert_eq!(second.xdp().unwrap().channel(30600).unwrap(), sample());
+    assert!(second.userspace().channel(30600).is_err());
+    // The ports are bound again (the same transient as above can hold them for a moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let generation = loop {
+        match second.adopt(30600) {
+            Ok(g) => break g,
+            Err(DataPathError::Bind { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => panic!("adopting: {e}"),
+        }
+    };
+    assert_eq!(second.generation(30600), Some(generation));
+    assert!(second.inherited().is_empty());
     assert_eq!(second.userspace().channel(30600).unwrap(), sample());
     second.remove(30600).unwrap();
     assert!(matches!(

@@ -70,6 +70,7 @@ impl TestServer {
             workers: 1,
             xdp: None,
             require_xdp: false,
+            events: None,
         })
         .expect("start the user-space relay");
         let layout = Layout::custom(setup.first_port, setup.last_port, setup.capacity, 1)

@@ -24,7 +24,9 @@ use relay_common::Channel;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::cmsg::{self, CMSG_CAP, CmsgBuf};
-use super::{ChannelObserver, ChannelShared, FastPathLastSeen, WorkerCounters, drop_index};
+use super::{
+    ChannelShared, FastPathLastSeen, LatchNotice, LatchObserver, WorkerCounters, drop_index,
+};
 use crate::DataPathError;
 use crate::datapath::monotonic_ns;
 use crate::forward::{self, Decision, DropReason, LatchState};
@@ -51,14 +53,21 @@ const MAX_EVENTS: usize = 256;
 const WAKE_TOKEN: u64 = u64::MAX;
 
 type Reply = SyncSender<Result<(), DataPathError>>;
+/// The answer to an install: the channel as the worker now holds it.
+type InstallReply = SyncSender<Result<Channel, DataPathError>>;
 
 /// A request from another thread, answered on `reply`.
 pub(crate) enum Command {
+    /// Installs a new channel, or updates an existing one: legs whose `replace` flag is false
+    /// keep what the worker holds (latched endpoints included), decided here, so no latch
+    /// can fall between a caller's read and its write.
     Install {
         port: u16,
         channel: Channel,
+        replace: [bool; 2],
+        generation: u64,
         shared: Arc<ChannelShared>,
-        reply: Reply,
+        reply: InstallReply,
     },
     Remove {
         port: u16,
@@ -75,7 +84,7 @@ pub(crate) struct WorkerInit {
     pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) bind_addr: Ipv4Addr,
     pub(crate) batch: usize,
-    pub(crate) observer: Option<ChannelObserver>,
+    pub(crate) observer: Option<LatchObserver>,
     pub(crate) fast_path_last_seen: Option<FastPathLastSeen>,
 }
 
@@ -83,6 +92,8 @@ pub(crate) struct WorkerInit {
 struct ChannelState {
     /// Even RTP port.
     port: u16,
+    /// The caller's generation of this channel, echoed in latch notices.
+    generation: u64,
     /// The live channel, latched in place by [`forward::decide`].
     channel: Channel,
     /// The latching policy's memory (sources being learnt, silence checks).
@@ -384,7 +395,7 @@ pub(crate) struct Worker {
     commands: Receiver<Command>,
     counters: Arc<WorkerCounters>,
     bind_addr: Ipv4Addr,
-    observer: Option<ChannelObserver>,
+    observer: Option<LatchObserver>,
     fast_path_last_seen: Option<FastPathLastSeen>,
     slots: Vec<Slot>,
     free: Vec<usize>,
@@ -494,10 +505,12 @@ impl Worker {
                 Ok(Command::Install {
                     port,
                     channel,
+                    replace,
+                    generation,
                     shared,
                     reply,
                 }) => {
-                    let _ = reply.send(self.install(port, channel, shared));
+                    let _ = reply.send(self.install(port, channel, replace, generation, shared));
                 }
                 Ok(Command::Remove { port, reply }) => {
                     let _ = reply.send(self.remove(port));
@@ -511,23 +524,36 @@ impl Worker {
     fn install(
         &mut self,
         port: u16,
-        channel: Channel,
+        mut channel: Channel,
+        replace: [bool; 2],
+        generation: u64,
         shared: Arc<ChannelShared>,
-    ) -> Result<(), DataPathError> {
+    ) -> Result<Channel, DataPathError> {
         if let Some(st) = self
             .by_port
             .get(&port)
             .and_then(|&s| self.slots[s].state.as_mut())
         {
-            // Replace the configuration; sockets (and their queued datagrams) stay.
+            // Replace the configuration; sockets (and their queued datagrams) stay. Legs not
+            // replaced keep what this worker learnt, and their learning progress.
+            for (leg, &r) in replace.iter().enumerate() {
+                if r {
+                    st.latch.forget_leg(leg);
+                } else {
+                    channel.legs[leg] = st.channel.legs[leg];
+                }
+            }
+            if channel.latching != st.channel.latching {
+                st.latch = LatchState::default();
+            }
             st.channel = channel;
-            st.latch = LatchState::default();
+            st.generation = generation;
             st.shared = shared;
             *st.shared
                 .channel
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = channel;
-            return Ok(());
+            return Ok(channel);
         }
         let rtp = open_socket(SocketAddrV4::new(self.bind_addr, port))
             .map_err(|source| DataPathError::Bind { port, source })?;
@@ -548,13 +574,13 @@ impl Worker {
                 self.slots.len() - 1
             }
         };
-        let generation = self.slots[slot].generation;
+        let slot_gen = self.slots[slot].generation;
         let ep = self.epoll.as_raw_fd();
-        let registered = epoll_add_socket(ep, rtp.as_raw_fd(), token(generation, slot, 0))
-            .and_then(|()| epoll_add_socket(ep, rtcp.as_raw_fd(), token(generation, slot, 1)));
+        let registered = epoll_add_socket(ep, rtp.as_raw_fd(), token(slot_gen, slot, 0))
+            .and_then(|()| epoll_add_socket(ep, rtcp.as_raw_fd(), token(slot_gen, slot, 1)));
         if let Err(e) = registered {
             // Closing the sockets (on return) also removes them from the epoll set.
-            self.slots[slot].generation = generation.wrapping_add(1);
+            self.slots[slot].generation = slot_gen.wrapping_add(1);
             self.free.push(slot);
             return Err(DataPathError::Io(e));
         }
@@ -564,13 +590,14 @@ impl Worker {
             .unwrap_or_else(PoisonError::into_inner) = channel;
         self.slots[slot].state = Some(ChannelState {
             port,
+            generation,
             channel,
             latch: LatchState::default(),
             shared,
             sockets: [rtp, rtcp],
         });
         self.by_port.insert(port, slot);
-        Ok(())
+        Ok(channel)
     }
 
     fn remove(&mut self, port: u16) -> Result<(), DataPathError> {
@@ -731,7 +758,12 @@ impl Worker {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = st.channel;
                     if let Some(obs) = observer.as_ref() {
-                        obs(st.port, &st.channel);
+                        obs(&LatchNotice {
+                            port: st.port,
+                            generation: st.generation,
+                            before,
+                            channel: st.channel,
+                        });
                     }
                 }
             }
