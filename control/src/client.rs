@@ -713,6 +713,9 @@ fn pool_json(p: &pb::PoolStatusResponse) -> Value {
         "early_reuses": p.early_reuses,
         "data_path": p.data_path,
         "fast_path_unavailable": (!p.fast_path_unavailable.is_empty()).then_some(&p.fast_path_unavailable),
+        "instance_id": p.instance_id,
+        "started_at": time_text(p.started_at.as_ref()),
+        "adopted_at_start": p.adopted_at_start,
     })
 }
 
@@ -757,6 +760,13 @@ fn pool_text(p: &pb::PoolStatusResponse) -> String {
     if p.early_reuses > 0 {
         let _ = writeln!(out, "early reuses {}", p.early_reuses);
     }
+    let _ = writeln!(
+        out,
+        "instance     {} since {} ({} channel(s) kept from the previous run)",
+        p.instance_id,
+        time_text(p.started_at.as_ref()).unwrap_or_default(),
+        p.adopted_at_start
+    );
     out
 }
 

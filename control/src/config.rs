@@ -76,12 +76,15 @@ pub struct StoreSection {
     /// it). Written before the data path changes, read at start to keep the calls a previous
     /// process left in the pinned maps. One daemon per file: a second one refuses to start.
     pub path: PathBuf,
+    /// Keep channel records at all; without them a restart ends every call in progress.
+    pub enabled: bool,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             path: PathBuf::from(DEFAULT_STORE),
+            enabled: true,
         }
     }
 }
@@ -223,20 +226,13 @@ pub struct TlsSection {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsSection {
-    /// How often the data path is compared with the last view to find latched channels and
-    /// channels taken over by the fast path (the data path has no event callback).
-    #[serde(deserialize_with = "de_duration")]
-    pub poll_interval: Duration,
     /// Events buffered per watcher; a watcher that falls further behind is disconnected.
     pub buffer: usize,
 }
 
 impl Default for EventsSection {
     fn default() -> Self {
-        EventsSection {
-            poll_interval: Duration::from_millis(250),
-            buffer: 4096,
-        }
+        EventsSection { buffer: 4096 }
     }
 }
 
@@ -439,13 +435,6 @@ impl Config {
             ConfigError::new(key, e)
         })?;
         self.check_exposure()?;
-        let p = self.events.poll_interval;
-        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&p) {
-            return Err(ConfigError::new(
-                "events.poll_interval",
-                format!("{p:?} is outside 10ms..=60s"),
-            ));
-        }
         if !(16..=1_000_000).contains(&self.events.buffer) {
             return Err(ConfigError::new(
                 "events.buffer",
@@ -661,7 +650,6 @@ mod tests {
         assert_eq!(c.pool.codec, Codec::G711);
         assert_eq!(c.pool.media_timeout, Duration::from_secs(60));
         assert_eq!(c.api.listen, DEFAULT_LISTEN);
-        assert_eq!(c.events.poll_interval, Duration::from_millis(250));
         assert!(c.xdp.interfaces.is_empty());
         assert!(c.metrics.enabled);
         assert_eq!(c.metrics.listen, crate::metrics::DEFAULT_LISTEN);
@@ -765,8 +753,8 @@ mod tests {
                 "xdp.interfaces: \"eth0\" is listed twice",
             ),
             (
-                "[events]\npoll_interval = \"1ms\"\n",
-                "events.poll_interval: 1ms is outside 10ms..=60s",
+                "[events]\npoll_interval = \"250ms\"\n",
+                "events.poll_interval: unknown field `poll_interval`, expected `buffer` (line 2)",
             ),
         ];
         for (text, message) in cases {

@@ -325,9 +325,16 @@ fn daemon_args(mode: XdpMode, config_file: &Path, pin_dir: &Path) -> Vec<String>
         pin_dir.display().to_string(),
         "--listen".into(),
         DEFAULT_LISTEN.to_string(),
+        "--store".into(),
+        store_of(config_file).display().to_string(),
         "--log".into(),
         "info".into(),
     ]
+}
+
+/// The demo daemon's state database, beside its configuration file.
+fn store_of(config_file: &Path) -> PathBuf {
+    config_file.with_extension("db")
 }
 
 /// Everything the demo creates, torn down in dependency order by [`Resources::teardown`] (or
@@ -371,11 +378,19 @@ impl Resources {
                 Err(e) => problems.push(format!("removing {}: {e}", dir.display())),
             }
         }
-        if let Some(file) = self.config_file.take() {
-            match std::fs::remove_file(&file) {
-                Ok(()) => done.push(format!("{} removed", file.display())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("removing {}: {e}", file.display())),
+        if let Some(config) = self.config_file.take() {
+            let db = store_of(&config);
+            let mut files = vec![config];
+            // The state database and SQLite's files beside it.
+            for suffix in ["", "-wal", "-shm", ".lock"] {
+                files.push(PathBuf::from(format!("{}{suffix}", db.display())));
+            }
+            for file in files {
+                match std::fs::remove_file(&file) {
+                    Ok(()) => done.push(format!("{} removed", file.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => problems.push(format!("removing {}: {e}", file.display())),
+                }
             }
         }
         if let Some(tb) = self.testbed.take() {
@@ -1171,7 +1186,7 @@ mod tests {
         assert_eq!(
             args.join(" "),
             "run --config /tmp/homerelay-demo-7.toml --xdp-iface r-home,r-office,r-nat --xdp-mode native --require-xdp --pin-dir \
-             /sys/fs/bpf/homerelay-demo-7 --listen 127.0.0.1:4080 --log info"
+             /sys/fs/bpf/homerelay-demo-7 --listen 127.0.0.1:4080 --store /tmp/homerelay-demo-7.db --log info"
         );
     }
 

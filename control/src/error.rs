@@ -35,6 +35,9 @@ pub enum ServiceError {
     /// after its record is written).
     #[error("state database: {0}")]
     Store(#[from] relay_store::StoreError),
+    /// The host refused something the relay needs (a thread, memory).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ServiceError {
@@ -88,6 +91,7 @@ pub fn code(e: &ServiceError) -> Code {
         ServiceError::ShuttingDown => Code::Unavailable,
         // A full disk or an I/O error: another relay may take the call.
         ServiceError::Store(_) => Code::Unavailable,
+        ServiceError::Internal(_) => Code::Internal,
         ServiceError::Lagged(_) => Code::Aborted,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
     }

@@ -12,6 +12,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod metrics;

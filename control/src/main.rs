@@ -11,17 +11,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use control::client::{ChannelsCommand, Connection};
 use control::config::{self, Config, LayoutName, Overrides};
+use control::daemon::DaemonBuilder;
 use control::metrics::{self, CounterSource, Exporter, Metrics};
 use control::server::{self, Security, TlsPem};
-use control::service::{Dataplane, Service, ServiceOptions};
-use relay_core::Allocator;
-use relay_user::Relay;
 use relay_user::xdp::XdpMode;
 
 /// homerelay: an RTP media relay for phones and softphones registering from the Internet.
@@ -203,7 +200,16 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
     };
 
     let (layout, layout_name) = config.layout()?;
-    let relay = Arc::new(Relay::start(config.relay_options())?);
+    let daemon = DaemonBuilder::new(config.clone())
+        .metrics(match metrics_listener {
+            Some(_) => Metrics::new(),
+            None => Metrics::disabled(),
+        })
+        .build()?;
+    let service = daemon.service;
+    let relay = daemon
+        .relay
+        .context("the daemon runs on homerelay's relay")?;
     let (first, last, capacity) = (layout.first_port(), layout.last_port(), layout.capacity());
     match relay.xdp_unavailable() {
         None => {
@@ -223,25 +229,6 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
             layout_name.name()
         ),
     }
-
-    let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), Instant::now());
-    let allocator = Allocator::new(config.allocator_config(seed), Instant::now())
-        .context("starting the channel allocator")?;
-    let dataplane: Arc<dyn Dataplane> = relay.clone();
-    let service = Service::start_with_metrics(
-        allocator,
-        dataplane,
-        ServiceOptions {
-            relay_addresses: config.relay_addresses(),
-            poll_interval: config.events.poll_interval,
-            event_buffer: config.events.buffer,
-            layout_name: layout_name.name(),
-        },
-        match metrics_listener {
-            Some(_) => Metrics::new(),
-            None => Metrics::disabled(),
-        },
-    );
     let metrics_server = metrics_listener.map(|listener| {
         let source: Arc<dyn CounterSource> = relay.clone();
         let exporter = Exporter::new(
@@ -267,10 +254,19 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
         _ = sigterm.recv() => { log::info!("SIGTERM received, shutting down"); None }
         r = &mut server => Some(r),
     };
-    // Stops accepting (the server's shutdown future is `service.stopping()`), ends watch
-    // streams, then releases every channel from the data path.
-    let released = service.shutdown().await;
-    log::info!("released {released} channel(s)");
+    // Stops accepting (the server's shutdown future is `service.stopping()`) and ends watch
+    // streams. With a state database the channels stay (pinned maps + records) for the next
+    // start to take over: a restart keeps the calls. Without one they are released.
+    if config.store.enabled {
+        service.shutdown_keeping_channels().await;
+        log::info!(
+            "channels kept for the next start ({}); media pauses until then",
+            config.store.path.display()
+        );
+    } else {
+        let released = service.shutdown().await;
+        log::info!("released {released} channel(s)");
+    }
     let served = match early {
         Some(r) => r,
         None => server.await,

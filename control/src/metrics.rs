@@ -276,7 +276,11 @@ impl AllocResult {
             Err(ServiceError::DataPath(_)) => AllocResult::DataPathError,
             Err(ServiceError::ShuttingDown) => AllocResult::ShuttingDown,
             Err(ServiceError::Store(_)) => AllocResult::StoreError,
-            Err(ServiceError::Lagged(_) | ServiceError::Unauthenticated(_)) => AllocResult::Error,
+            Err(
+                ServiceError::Lagged(_)
+                | ServiceError::Unauthenticated(_)
+                | ServiceError::Internal(_),
+            ) => AllocResult::Error,
         }
     }
 }

@@ -36,13 +36,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use relay_common::{CHANNEL_USERSPACE_ONLY, Channel, ChannelStats, LEG_A, LEG_B};
+use relay_common::{CHANNEL_USERSPACE_ONLY, Channel, ChannelStats};
 use relay_user::forward::Component;
-use relay_user::{DataPath, DataPathError, Relay};
+use relay_user::{DataPath, DataPathError, DataPathEvent, DataPathEvents, Relay};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use relay_core::allocator::{
-    AllocError, Allocator, ChannelInfo, Codec, Kind, Layout, Request, Slot, Status, check_timeout,
+    AllocError, Allocator, ChannelId, ChannelInfo, Codec, Kind, Layout, Request, Slot, Status,
+    check_timeout,
 };
 use relay_core::{
     ChannelSpec, ChannelState, EventKind, LatchingPolicy, LegSpec, ReleaseReason, build_channel,
@@ -55,30 +56,51 @@ use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::persist::StoredChannel;
 
-/// What the channel service needs from the data plane: the [`DataPath`] it installs channels
-/// in, and a view of the XDP fast path for events. Implemented by [`Relay`]; tests may run a
-/// user-space-only `Relay` on loopback.
+/// What the channel service needs from the data plane. Implemented by [`Relay`]; tests may run
+/// a user-space-only `Relay` on loopback, and the gRPC benchmark a data path that does nothing.
+///
+/// Every call is made by the owner thread only, so the data path sees one caller; a call may
+/// block (a user-space install waits for its worker).
 pub trait Dataplane: DataPath + 'static {
-    /// The channel as the fast path holds it, if the fast path runs and holds it.
-    fn fast_path_channel(&self, port: u16) -> Option<Channel>;
+    /// Installs a new channel on `port` (zeroed counters and state); its generation, which the
+    /// data path's events carry.
+    fn install_new(&self, port: u16, channel: &Channel) -> Result<u64, DataPathError>;
+    /// Changes the channel on `port`: legs flagged in `replace` take `channel`'s, the others
+    /// keep what the data path learnt (decided inside the data path, so no latch is lost).
+    fn update(&self, port: u16, channel: &Channel, replace: [bool; 2])
+    -> Result<(), DataPathError>;
     /// Why the fast path is not running; `None` when it is.
     fn fast_path_unavailable(&self) -> Option<String>;
-    /// Ports of channels installed before the control plane started (a previous process's
-    /// pinned maps).
-    fn inherited_ports(&self) -> Vec<u16>;
+    /// Channels a previous process left in the pinned maps, not yet adopted or removed.
+    fn inherited(&self) -> Vec<(u16, Channel)>;
+    /// Takes over an inherited channel as it is (latched endpoints, counters); its generation.
+    fn adopt(&self, port: u16) -> Result<u64, DataPathError>;
 }
 
 impl Dataplane for Relay {
-    fn fast_path_channel(&self, port: u16) -> Option<Channel> {
-        self.xdp().and_then(|x| x.channel(port).ok())
+    fn install_new(&self, port: u16, channel: &Channel) -> Result<u64, DataPathError> {
+        self.install_channel(port, channel)
+    }
+
+    fn update(
+        &self,
+        port: u16,
+        channel: &Channel,
+        replace: [bool; 2],
+    ) -> Result<(), DataPathError> {
+        self.update_channel(port, channel, replace).map(|_| ())
     }
 
     fn fast_path_unavailable(&self) -> Option<String> {
         self.xdp_unavailable().map(str::to_owned)
     }
 
-    fn inherited_ports(&self) -> Vec<u16> {
-        self.inherited().into_iter().map(|(port, _)| port).collect()
+    fn inherited(&self) -> Vec<(u16, Channel)> {
+        Relay::inherited(self)
+    }
+
+    fn adopt(&self, port: u16) -> Result<u64, DataPathError> {
+        Relay::adopt(self, port)
     }
 }
 
@@ -190,6 +212,19 @@ pub struct PoolView {
     /// `xdp` or `userspace`.
     pub data_path: &'static str,
     pub fast_path_unavailable: Option<String>,
+    /// This run of the daemon.
+    pub instance: Instance,
+}
+
+/// One run of the daemon, as PoolStatus reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    /// Random, new at every start (the store's instance id; without a store, a random one).
+    pub id: String,
+    pub started_at: SystemTime,
+    /// Channels taken over from the previous run at start (restored from the store: adopted
+    /// from the pinned maps with their calls, or installed again from their records).
+    pub adopted: u32,
 }
 
 /// Settings of the service that are not the allocator's.
@@ -197,8 +232,6 @@ pub struct PoolView {
 pub struct ServiceOptions {
     /// Relay addresses of legs A and B when a request names none.
     pub relay_addresses: [Option<Ipv4Addr>; 2],
-    /// How often the data path is diffed for latch and fast-path events.
-    pub poll_interval: Duration,
     /// Events buffered per watcher.
     pub event_buffer: usize,
     /// Name of the layout, for the pool status.
@@ -209,7 +242,6 @@ impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             relay_addresses: [None, None],
-            poll_interval: Duration::from_millis(250),
             event_buffer: 4096,
             layout_name: "s",
         }
@@ -224,9 +256,13 @@ struct Record {
     deadline: Instant,
     /// Newest packet time seen in the counters (`CLOCK_MONOTONIC` ns; 0 = none).
     last_seen_ns: u64,
-    /// The channel as of the last look (latch events are what changed since).
+    /// The channel as last installed (shown if the data path cannot be read).
     seen: Channel,
-    /// Whether the fast path held it latched at the last look.
+    /// The data path's generation of this channel: its events carry it, and events of an
+    /// older generation (a released channel's) are dropped.
+    generation: u64,
+    /// Whether the data path reported the fast path holding it latched (since the last
+    /// update).
     fast: bool,
 }
 
@@ -257,8 +293,11 @@ enum Msg {
     Pool {
         reply: oneshot::Sender<PoolView>,
     },
-    /// Release every channel and stop; answers how many were released.
+    /// What the data path reported (pushed from its threads, never blocking them).
+    DataPath(DataPathEvent),
+    /// Stop; with `release`, release every channel first. Answers how many were released.
     Shutdown {
+        release: bool,
         reply: oneshot::Sender<usize>,
     },
 }
@@ -275,8 +314,8 @@ struct Owner {
     events: broadcast::Sender<Event>,
     options: ServiceOptions,
     metrics: Metrics,
-    /// When the data path is next diffed for latch and fast-path changes.
-    next_poll: Instant,
+    /// This run, for the pool status.
+    instance: Instance,
     /// The crash-safe record of live channels, written before the data path changes; `None`:
     /// channels are not persisted (a restart ends the calls).
     store: Option<Store>,
@@ -297,6 +336,18 @@ struct Handle {
     options: ServiceOptions,
     metrics: Metrics,
     owner: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    /// The last handle gone without a shutdown: the owner releases every channel and stops
+    /// (not waited for here: this may run on the async runtime).
+    fn drop(&mut self) {
+        let (reply, _) = oneshot::channel();
+        let _ = self.tx.send(Msg::Shutdown {
+            release: true,
+            reply,
+        });
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -330,36 +381,100 @@ fn last_seen_ns(stats: &ChannelStats) -> u64 {
         .unwrap_or(0)
 }
 
-impl Service {
-    /// Starts the service on `relay`: spawns the owner thread. Channels the relay inherited
-    /// from a previous process are removed (see the module invariant).
-    pub fn start(
-        allocator: Allocator,
-        relay: Arc<dyn Dataplane>,
-        options: ServiceOptions,
-    ) -> Service {
-        Service::start_with_metrics(allocator, relay, options, Metrics::disabled())
-    }
+/// The owner's message queue, made before the data path starts so that the data path's event
+/// sink ([`Queue::events`]) feeds it from the first packet on.
+#[derive(Debug)]
+pub struct Queue {
+    tx: std::sync::mpsc::Sender<Msg>,
+    rx: std::sync::mpsc::Receiver<Msg>,
+}
 
-    /// [`Service::start`], counting releases and events in `metrics` (see [`Service::metrics`]).
-    pub fn start_with_metrics(
-        allocator: Allocator,
-        relay: Arc<dyn Dataplane>,
-        options: ServiceOptions,
-        metrics: Metrics,
-    ) -> Service {
-        for port in relay.inherited_ports() {
-            match relay.remove(port) {
-                Ok(()) => log::info!(
-                    "removed channel {port} inherited from a previous process (allocations are not persisted)"
-                ),
-                Err(e) => log::warn!("cannot remove inherited channel {port}: {e}"),
+impl Default for Queue {
+    fn default() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Queue { tx, rx }
+    }
+}
+
+impl Queue {
+    /// The sink for [`relay_user::RelayOptions::events`]: it only enqueues (never blocks the
+    /// data path's threads); the owner handles the events in order with everything else.
+    pub fn events(&self) -> DataPathEvents {
+        let tx = self.tx.clone();
+        Arc::new(move |event| {
+            // The owner is gone only at shutdown, when nobody needs the event.
+            let _ = tx.send(Msg::DataPath(event));
+        })
+    }
+}
+
+/// What the service runs with.
+#[derive(Debug)]
+pub struct ServiceParts {
+    pub allocator: Allocator,
+    pub relay: Arc<dyn Dataplane>,
+    pub options: ServiceOptions,
+    pub metrics: Metrics,
+    /// Where live channels are recorded; `None`: not at all (a restart ends every call, and
+    /// channels the data path inherited are removed).
+    pub store: Option<Store>,
+}
+
+impl std::fmt::Debug for dyn Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A random instance id for a service without a store (the store makes its own).
+fn random_instance_id() -> String {
+    let h = |salt: u64| {
+        std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), (salt, Instant::now()))
+    };
+    format!("{:016x}{:016x}", h(1), h(2))
+}
+
+impl Service {
+    /// Starts the service: takes the store's records and the data path's inherited channels
+    /// over (see [`Owner::restore`]), then spawns the owner thread that `queue` feeds.
+    pub fn start(queue: Queue, parts: ServiceParts) -> Result<Service, ServiceError> {
+        let ServiceParts {
+            mut allocator,
+            relay,
+            options,
+            metrics,
+            mut store,
+        } = parts;
+        let instance = match &mut store {
+            Some(store) => {
+                let run = store.start_instance()?;
+                let ids = run.channel_ids();
+                let newest = store.max_channel_id()?;
+                if newest >= ids.start {
+                    // Only a database copied back from an older backup can hold ids of a later
+                    // run; ids stay unique all the same, as the epoch was written first.
+                    log::warn!(
+                        "the state database holds channel id {newest}, at or above this run's first id {}: was it restored from a backup?",
+                        ids.start
+                    );
+                }
+                allocator.set_next_id(ChannelId(ids.start));
+                Instance {
+                    id: run.id,
+                    started_at: run.started_at,
+                    adopted: 0,
+                }
             }
-        }
+            None => Instance {
+                id: random_instance_id(),
+                started_at: SystemTime::now(),
+                adopted: 0,
+            },
+        };
         let (events, _) = broadcast::channel(options.event_buffer.max(1));
         let (stopping, _) = watch::channel(false);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let owner = Owner {
+        let Queue { tx, rx } = queue;
+        let mut owner = Owner {
             allocator,
             records: BTreeMap::new(),
             due: BTreeSet::new(),
@@ -367,14 +482,17 @@ impl Service {
             events: events.clone(),
             options: options.clone(),
             metrics: metrics.clone(),
-            next_poll: Instant::now() + options.poll_interval,
-            store: None,
+            instance,
+            store,
         };
+        owner.restore()?;
         let thread = std::thread::Builder::new()
             .name("channel-owner".into())
             .spawn(move || owner.run(rx))
-            .unwrap_or_else(|e| panic!("cannot start the channel owner thread: {e}"));
-        Service {
+            .map_err(|e| {
+                ServiceError::Internal(format!("starting the channel owner thread: {e}"))
+            })?;
+        Ok(Service {
             inner: Arc::new(Handle {
                 tx,
                 events,
@@ -383,7 +501,7 @@ impl Service {
                 metrics,
                 owner: std::sync::Mutex::new(Some(thread)),
             }),
-        }
+        })
     }
 
     /// Sends a message to the owner and waits for its answer.
@@ -466,10 +584,21 @@ impl Service {
     /// Stops taking requests, ends every watch stream, and releases every channel from the
     /// data path (emitting `Released` events). Returns how many were released. Idempotent.
     pub async fn shutdown(&self) -> usize {
+        self.stop(true).await
+    }
+
+    /// Stops like [`Service::shutdown`] but leaves every channel where it is: in the data
+    /// path's pinned maps and in the store, for the next start to take over (a restart that
+    /// keeps the calls). While no daemon runs, the XDP program is detached and media stops.
+    pub async fn shutdown_keeping_channels(&self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(&self, release: bool) -> usize {
         let inner = &self.inner;
         inner.stopping.send_replace(true);
         let released = self
-            .call(|reply| Msg::Shutdown { reply })
+            .call(|reply| Msg::Shutdown { release, reply })
             .await
             .unwrap_or(0);
         let thread = inner
@@ -535,37 +664,159 @@ impl Owner {
     /// Ends after `Shutdown`, or when every [`Service`] handle is gone.
     fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>) {
         loop {
-            let now = Instant::now();
-            let wake = self
-                .due
-                .first()
-                .map_or(self.next_poll, |&(at, _)| at.min(self.next_poll));
-            let first = match rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(m) => Some(m),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            let first = match self.due.first() {
+                None => rx.recv().ok(),
+                Some(&(at, _)) => {
+                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                        Ok(m) => Some(m),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
             };
+            if first.is_none() && self.due.is_empty() {
+                // `recv` failed: every sender is gone.
+                return;
+            }
             let batch = first
                 .into_iter()
                 .chain(std::iter::from_fn(|| rx.try_recv().ok()))
                 .take(BATCH);
             for msg in batch {
-                if let Msg::Shutdown { reply } = msg {
-                    let _ = reply.send(self.release_all());
+                if let Msg::Shutdown { release, reply } = msg {
+                    let released = if release { self.release_all() } else { 0 };
+                    let _ = reply.send(released);
                     // Whatever else is queued finds the service gone.
                     return;
                 }
                 self.handle(msg);
             }
-            let now = Instant::now();
-            if self.due.first().is_some_and(|&(at, _)| at <= now) {
+            if self
+                .due
+                .first()
+                .is_some_and(|&(at, _)| at <= Instant::now())
+            {
                 self.sweep();
             }
-            if now >= self.next_poll {
-                self.diff();
-                self.next_poll = Instant::now() + self.options.poll_interval;
+        }
+    }
+
+    /// Takes over what the previous run left: each stored channel is restored in the
+    /// allocator and, if the data path inherited it in the pinned maps, adopted as it is
+    /// (latched endpoints, counters: the call goes on); otherwise installed afresh from its
+    /// record (media latches again). A record that cannot be restored is deleted with the
+    /// reason logged; an inherited channel no record explains is removed.
+    fn restore(&mut self) -> Result<(), ServiceError> {
+        let clock = Clock::now();
+        let inherited: BTreeMap<u16, Channel> = self.relay.inherited().into_iter().collect();
+        let rows = match &self.store {
+            Some(store) => store.channels()?,
+            None => Vec::new(),
+        };
+        let mut dropped = Vec::new();
+        let mut adopted = 0u32;
+        for row in rows {
+            let port = row.port;
+            match self.restore_one(&row, inherited.contains_key(&port), clock) {
+                Ok(true) => adopted += 1,
+                Ok(false) => {}
+                Err(why) => {
+                    log::warn!(
+                        "channel {port} (id {}) from the state database dropped: {why}",
+                        row.id
+                    );
+                    dropped.push(delete(port));
+                }
             }
         }
+        self.persist(&dropped)?;
+        for port in inherited.keys() {
+            if self.records.contains_key(port) {
+                continue;
+            }
+            match self.relay.remove(*port) {
+                Ok(()) => log::info!(
+                    "removed channel {port} inherited from a previous process: no record explains it"
+                ),
+                Err(e) => log::warn!("cannot remove inherited channel {port}: {e}"),
+            }
+        }
+        if !self.records.is_empty() {
+            log::info!(
+                "{} channel(s) restored from the state database, {adopted} of them adopted from the pinned maps with their calls",
+                self.records.len()
+            );
+        }
+        self.instance.adopted = u32::try_from(self.records.len()).unwrap_or(u32::MAX);
+        Ok(())
+    }
+
+    /// One stored channel (see [`Owner::restore`]); whether it was adopted.
+    fn restore_one(
+        &mut self,
+        row: &ChannelRow,
+        inherited: bool,
+        clock: Clock,
+    ) -> Result<bool, String> {
+        let stored = StoredChannel::from_json(&row.record).map_err(|e| e.to_string())?;
+        let kind = stored.kind().map_err(|e| e.to_string())?;
+        let spec = stored.spec();
+        spec.validate().map_err(|e| e.to_string())?;
+        let now = clock.instant();
+        let ago = clock
+            .wall()
+            .duration_since(stored.allocated())
+            .unwrap_or_default();
+        let info = ChannelInfo {
+            id: ChannelId(row.id),
+            slot: Slot {
+                addr_index: row.addr_index,
+                port: row.port,
+            },
+            call_id: stored.call_id.clone(),
+            leg_tag: stored.leg_tag.clone(),
+            kind,
+            internet: stored.internet,
+            timeout: stored.timeout(),
+            allocated_at: now.checked_sub(ago).unwrap_or(now),
+            // A fresh idle timer: the previous run's packet times are not ours to read.
+            last_activity: now,
+        };
+        let port = row.port;
+        self.allocator
+            .restore(info.clone(), now)
+            .map_err(|e| e.to_string())?;
+        let placed = if inherited {
+            self.relay.adopt(port).map(|g| (g, true))
+        } else {
+            let channel = build_channel(&spec, port, &self.options.relay_addresses);
+            self.relay.install_new(port, &channel).map(|g| (g, false))
+        };
+        let (generation, adopted) = match placed {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.allocator.release(info.slot, now);
+                return Err(format!("the data path refused it: {e}"));
+            }
+        };
+        let seen = self
+            .relay
+            .channel(port)
+            .unwrap_or_else(|_| build_channel(&spec, port, &self.options.relay_addresses));
+        let deadline = info.last_activity + info.timeout;
+        self.due.insert((deadline, port));
+        self.records.insert(
+            port,
+            Record {
+                spec,
+                deadline,
+                last_seen_ns: 0,
+                seen,
+                generation,
+                fast: false,
+            },
+        );
+        Ok(adopted)
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -600,9 +851,50 @@ impl Owner {
             Msg::Pool { reply } => {
                 let _ = reply.send(self.pool());
             }
-            Msg::Shutdown { reply } => {
-                let _ = reply.send(self.release_all());
+            Msg::DataPath(event) => self.on_data_path(event),
+            // Taken by `run` before it reaches here.
+            Msg::Shutdown { reply, .. } => {
+                let _ = reply.send(0);
             }
+        }
+    }
+
+    /// A latch or a fast-path takeover, as the data path pushed it. Events of a generation
+    /// the owner no longer holds (a released or replaced channel's) are dropped.
+    fn on_data_path(&mut self, event: DataPathEvent) {
+        let (port, generation) = match event {
+            DataPathEvent::Latched {
+                port, generation, ..
+            }
+            | DataPathEvent::FastPath { port, generation } => (port, generation),
+        };
+        let Some(record) = self.records.get_mut(&port) else {
+            return;
+        };
+        if record.generation != generation {
+            return;
+        }
+        let (kind, latch) = match event {
+            DataPathEvent::Latched {
+                leg,
+                component,
+                addr,
+                ..
+            } => (
+                EventKind::Latched,
+                Some(Latch {
+                    leg,
+                    component,
+                    source: addr,
+                }),
+            ),
+            DataPathEvent::FastPath { .. } => {
+                record.fast = true;
+                (EventKind::FastPath, None)
+            }
+        };
+        if let Ok(view) = self.view(port, Clock::now()) {
+            self.emit(kind, latch, view);
         }
     }
 
@@ -621,20 +913,25 @@ impl Owner {
         // The record first, then the data path: a crash in between leaves a record the next
         // start installs (or drops), never a channel no record explains.
         let written = self.persist(&[self.put(&allocation.channel, &spec, clock)]);
-        let installed = written.and_then(|()| Ok(self.relay.install(port, &channel)?));
-        if let Err(e) = installed {
-            // Never leak: the allocation (and its record) go with the failed install.
-            if let Err(r) = self
-                .allocator
-                .release(allocation.channel.slot, clock.instant())
-            {
-                log::error!("releasing channel {port} after a failed install: {r}");
+        let installed = written.and_then(|()| Ok(self.relay.install_new(port, &channel)?));
+        let generation = match installed {
+            Ok(generation) => generation,
+            Err(e) => {
+                // Never leak: the allocation (and its record) go with the failed install.
+                if let Err(r) = self
+                    .allocator
+                    .release(allocation.channel.slot, clock.instant())
+                {
+                    log::error!("releasing channel {port} after a failed install: {r}");
+                }
+                if let Err(r) = self.persist(&[delete(port)]) {
+                    log::error!(
+                        "deleting the record of channel {port} after a failed install: {r}"
+                    );
+                }
+                return Err(e);
             }
-            if let Err(r) = self.persist(&[delete(port)]) {
-                log::error!("deleting the record of channel {port} after a failed install: {r}");
-            }
-            return Err(e);
-        }
+        };
         let info = &allocation.channel;
         let deadline = info.last_activity + info.timeout;
         self.due.insert((deadline, port));
@@ -645,6 +942,7 @@ impl Owner {
                 deadline,
                 last_seen_ns: 0,
                 seen: channel,
+                generation,
                 fast: false,
             },
         );
@@ -673,13 +971,10 @@ impl Owner {
             spec.clock_rate = c;
         }
         spec.validate()?;
-        let mut channel = build_channel(&spec, port, &self.options.relay_addresses);
-        let current = self.relay.channel(port).unwrap_or(record.seen);
-        for (i, leg) in update.legs.iter().enumerate() {
-            if leg.is_none() {
-                channel.legs[i] = current.legs[i];
-            }
-        }
+        // Legs not replaced keep what the data path learnt: it merges them itself, so a latch
+        // between a read here and the write could not be lost.
+        let channel = build_channel(&spec, port, &self.options.relay_addresses);
+        let replace = [update.legs[0].is_some(), update.legs[1].is_some()];
         if let Some(t) = update.timeout {
             self.allocator.set_timeout(slot(port), t, clock.instant())?;
             self.reschedule(port);
@@ -689,11 +984,14 @@ impl Owner {
             .get(slot(port))
             .ok_or(AllocError::UnknownSlot(slot(port)))?;
         self.persist(&[self.put(&info, &spec, clock)])?;
-        self.relay.install(port, &channel)?;
+        if let Some(r) = self.records.get_mut(&port) {
+            // The data path says again (FastPath) if the updated channel stays in the fast path.
+            r.fast = false;
+        }
+        self.relay.update(port, &channel, replace)?;
         if let Some(r) = self.records.get_mut(&port) {
             r.spec = spec;
-            r.seen = channel;
-            r.fast = false;
+            r.seen = self.relay.channel(port).unwrap_or(channel);
         }
         self.view(port, clock)
     }
@@ -742,6 +1040,7 @@ impl Owner {
             codec: config.codec,
             data_path: self.relay.name(),
             fast_path_unavailable: self.relay.fast_path_unavailable(),
+            instance: self.instance.clone(),
         }
     }
 
@@ -853,13 +1152,7 @@ impl Owner {
         let stats = self.relay.stats(port).unwrap_or_default();
         let state = if !rtp_latched(&channel) {
             ChannelState::Waiting
-        } else if fast_path_eligible(&channel)
-            && (record.fast
-                || self
-                    .relay
-                    .fast_path_channel(port)
-                    .is_some_and(|f| fast_path_eligible(&f)))
-        {
+        } else if record.fast && fast_path_eligible(&channel) {
             ChannelState::FastPath
         } else {
             ChannelState::Latched
@@ -949,57 +1242,6 @@ impl Owner {
         for port in due {
             if self.records.contains_key(&port) {
                 self.reschedule(port);
-            }
-        }
-    }
-
-    /// Latch and fast-path events (see the module summary).
-    fn diff(&mut self) {
-        let clock = Clock::now();
-        let mut found: Vec<(u16, EventKind, Option<Latch>)> = Vec::new();
-        for (&port, record) in self.records.iter_mut() {
-            let Ok(now) = self.relay.channel(port) else {
-                continue;
-            };
-            if now != record.seen {
-                for leg in [LEG_A, LEG_B] {
-                    for component in [Component::Rtp, Component::Rtcp] {
-                        let pick = |ch: &Channel| match component {
-                            Component::Rtp => ch.legs[leg].rtp,
-                            Component::Rtcp => ch.legs[leg].rtcp,
-                        };
-                        let (old, new) = (pick(&record.seen), pick(&now));
-                        if new.is_latched() && (!old.is_latched() || old != new) {
-                            if let Some(source) = new.socket_addr() {
-                                found.push((
-                                    port,
-                                    EventKind::Latched,
-                                    Some(Latch {
-                                        leg,
-                                        component,
-                                        source,
-                                    }),
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-            let fast = fast_path_eligible(&now)
-                && (record.fast
-                    || self
-                        .relay
-                        .fast_path_channel(port)
-                        .is_some_and(|f| fast_path_eligible(&f)));
-            if fast && !record.fast {
-                found.push((port, EventKind::FastPath, None));
-            }
-            record.seen = now;
-            record.fast = fast;
-        }
-        for (port, kind, latch) in found {
-            if let Ok(view) = self.view(port, clock) {
-                self.emit(kind, latch, view);
             }
         }
     }

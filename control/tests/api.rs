@@ -673,26 +673,17 @@ async fn a_token_is_required_when_configured_and_health_stays_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_refuses_to_start_without_required_authentication() {
-    let relay = relay_user::Relay::start(relay_user::RelayOptions {
-        port_min: 42160,
-        port_max: 42179,
-        workers: 1,
-        xdp: None,
-        require_xdp: false,
-        events: None,
-    })
-    .expect("relay");
-    let layout = relay_core::allocator::Layout::custom(42160, 42179, 10, 1).expect("layout");
-    let allocator = relay_core::allocator::Allocator::new(
-        relay_core::allocator::Config::new(layout, 1),
-        std::time::Instant::now(),
+    let state = tempfile::tempdir().expect("state directory");
+    let service = control::daemon::DaemonBuilder::new(
+        common::Setup {
+            capacity: 10,
+            ..common::Setup::new(42160, 42179)
+        }
+        .config(state.path()),
     )
-    .expect("allocator");
-    let service = control::service::Service::start(
-        allocator,
-        std::sync::Arc::new(relay),
-        control::service::ServiceOptions::default(),
-    );
+    .build()
+    .expect("daemon")
+    .service;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

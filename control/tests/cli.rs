@@ -185,11 +185,92 @@ async fn run_refuses_bad_configurations_naming_the_key() {
     assert!(out.starts_with("configuration is valid"), "{out}");
 }
 
-/// The daemon for real: starts with flags only, serves the CLI, and on SIGTERM releases its
-/// channels and exits cleanly.
+/// A `homerelay run` child and the lines it logged so far.
+struct Daemon {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    url: String,
+}
+
+impl Daemon {
+    /// Starts `homerelay run` with `args` and waits until it reports its API address.
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = homerelay(args)
+            .env("HOMERELAY_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start homerelay run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (lines_tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut log = Vec::new();
+        let addr = loop {
+            let line = lines.recv_timeout(WAIT).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "homerelay did not report its API address:\n{}",
+                    log.join("\n")
+                )
+            });
+            log.push(line.clone());
+            if let Some(rest) = line.split("gRPC API on ").nth(1) {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        Daemon {
+            child,
+            lines,
+            log,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; the whole log.
+    async fn stop(mut self) -> String {
+        // SAFETY: signals the child this test started, by its pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let mut child = self.child;
+        let status = within(tokio::task::spawn_blocking(move || child.wait()))
+            .await
+            .expect("join")
+            .expect("wait");
+        // The reader thread may still be draining: collect what it has until the pipe closes.
+        while let Ok(line) = self.lines.recv_timeout(WAIT) {
+            self.log.push(line);
+        }
+        let log = self.log.join("\n");
+        assert!(status.success(), "exit {status}:\n{log}");
+        assert!(log.contains("SIGTERM received, shutting down"), "{log}");
+        assert!(log.contains("stopped"), "{log}");
+        log
+    }
+
+    async fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let mut c = homerelay(args);
+        c.args(["--server", self.url.as_str(), "--json"]);
+        serde_json::from_str(&stdout(&output(c).await)).expect("JSON")
+    }
+}
+
+/// The daemon for real: starts with flags only and serves the CLI. On SIGTERM it keeps its
+/// channels in the state database; the next start takes them over (same port, same id) under
+/// a new instance id, and hands out ids never used before. A second daemon on the same state
+/// database refuses to start. Without a database, SIGTERM releases the channels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_and_shuts_down_on_sigterm() {
-    let mut daemon = homerelay(&[
+async fn run_keeps_channels_across_a_restart_and_refuses_a_second_daemon() {
+    let state = tempfile::tempdir().expect("state directory");
+    let db = state.path().join("homerelay.db");
+    let db = db.to_str().expect("utf-8 path");
+    let args = [
         "run",
         "--listen",
         "127.0.0.1:0",
@@ -199,77 +280,105 @@ async fn run_serves_and_shuts_down_on_sigterm() {
         "42340-42359",
         "--workers",
         "1",
-    ])
-    .env("HOMERELAY_LOG", "info")
-    .stderr(Stdio::piped())
-    .stdout(Stdio::null())
-    .spawn()
-    .expect("start homerelay run");
-    let stderr = daemon.stderr.take().expect("stderr");
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = lines.recv_timeout(WAIT).unwrap_or_else(|_| {
-            let _ = daemon.kill();
-            panic!(
-                "homerelay did not report its API address:\n{}",
-                log.join("\n")
-            )
-        });
-        log.push(line.clone());
-        if let Some(rest) = line.split("gRPC API on ").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_owned();
-        }
-    };
+        "--store",
+        db,
+    ];
+    let first = Daemon::start(&args);
     assert!(
-        log.iter()
+        first
+            .log
+            .iter()
             .any(|l| l.contains("user space only (no XDP interfaces configured)")),
         "the log says which data path and why:\n{}",
-        log.join("\n")
+        first.log.join("\n")
     );
-    let url = format!("http://{addr}");
-    let out = stdout(
-        &output(homerelay(&[
+    let a = first
+        .cli(&[
             "channels",
             "allocate",
-            "--server",
-            &url,
             "--call-id",
             "d",
             "--kind",
             "itsp_call",
-            "--json",
-        ]))
-        .await,
-    );
-    let port = serde_json::from_str::<serde_json::Value>(&out).expect("JSON")["port"]
-        .as_u64()
-        .expect("port") as u16;
+        ])
+        .await;
+    let port = a["port"].as_u64().expect("port") as u16;
+    let id = a["id"].as_u64().expect("id");
     assert!(!udp_port_free(port));
+    let pool = first.cli(&["pool"]).await;
+    let instance = pool["instance_id"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
 
-    // SAFETY: signals the child this test started, by its pid.
-    let rc = unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let status = within(tokio::task::spawn_blocking(move || daemon.wait()))
-        .await
-        .expect("join")
-        .expect("wait");
-    // The reader thread may still be draining: collect what it has until the pipe closes.
-    while let Ok(line) = lines.recv_timeout(WAIT) {
-        log.push(line);
-    }
-    let log = log.join("\n");
-    assert!(status.success(), "exit {status}:\n{log}");
-    assert!(log.contains("SIGTERM received, shutting down"), "{log}");
+    // A second daemon on the same state refuses to start, naming the file.
+    let o = output(homerelay(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-metrics",
+        "--ports",
+        "42360-42379",
+        "--store",
+        db,
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("in use") && err.contains(db), "{err}");
+
+    let log = first.stop().await;
+    assert!(log.contains("channels kept for the next start"), "{log}");
+
+    let second = Daemon::start(&args);
+    let pool = second.cli(&["pool"]).await;
+    assert_ne!(pool["instance_id"].as_str(), Some(instance.as_str()));
+    assert_eq!(pool["adopted_at_start"], 1, "{pool}");
+    assert_eq!(pool["in_use"], 1, "{pool}");
+    let kept = second.cli(&["channels", "show", &port.to_string()]).await;
+    assert_eq!(kept["id"].as_u64(), Some(id), "{kept}");
+    assert_eq!(kept["call_id"], "d", "{kept}");
+    assert!(
+        !udp_port_free(port),
+        "the kept channel's ports are bound again"
+    );
+    let b = second
+        .cli(&[
+            "channels",
+            "allocate",
+            "--call-id",
+            "e",
+            "--kind",
+            "itsp_call",
+        ])
+        .await;
+    assert!(
+        b["id"].as_u64().expect("id") > id,
+        "ids are never reused across restarts: {b}"
+    );
+    second.stop().await;
+
+    // Without a state database, SIGTERM releases every channel.
+    let mut bare = args.to_vec();
+    bare.truncate(bare.len() - 2);
+    let cfg = state.path().join("no-store.toml");
+    std::fs::write(&cfg, "[store]\nenabled = false\n").expect("write config");
+    let cfg = cfg.to_str().expect("utf-8").to_owned();
+    bare.extend(["--config", cfg.as_str()]);
+    let third = Daemon::start(&bare);
+    let c = third
+        .cli(&[
+            "channels",
+            "allocate",
+            "--call-id",
+            "f",
+            "--kind",
+            "itsp_call",
+        ])
+        .await;
+    let port = c["port"].as_u64().expect("port") as u16;
+    let log = third.stop().await;
     assert!(log.contains("released 1 channel(s)"), "{log}");
-    assert!(log.contains("stopped"), "{log}");
     assert!(
         udp_port_free(port),
         "the channel's ports are closed after shutdown"

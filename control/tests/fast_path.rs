@@ -6,17 +6,18 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::within;
-use control::service::{Latch, Service, ServiceOptions, Watcher};
+use control::config::LayoutName;
+use control::daemon::DaemonBuilder;
+use control::service::{Latch, Watcher};
 use relay_common::LEG_A;
-use relay_core::allocator::{Allocator, Config, Kind, Layout, Request};
+use relay_core::allocator::{Kind, Request};
 use relay_core::{ChannelSpec, ChannelState, EventKind, LegSpec};
+use relay_user::Relay;
 use relay_user::forward::Component;
 use relay_user::netns::{self, Host, Testbed, TestbedOptions};
-use relay_user::xdp::{XdpMode, XdpOptions};
-use relay_user::{Relay, RelayOptions};
+use relay_user::xdp::XdpMode;
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -74,34 +75,27 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
     let pin = PinDir(format!("/sys/fs/bpf/homerelay-control-test-{}", std::process::id()).into());
     let pin_dir = pin.0.clone();
+    let state = tempfile::tempdir().expect("state directory");
+    let mut config = control::config::Config::default();
+    config.relay.layout = Some(LayoutName::Custom);
+    config.relay.ports = Some("30528-30547".into());
+    config.relay.capacity = Some(10);
+    config.relay.workers = 1;
+    config.relay.internet_address = Some(netns::RELAY_HOME_ADDR);
+    config.relay.lan_address = Some(netns::RELAY_OFFICE_ADDR);
+    config.xdp.interfaces = vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()];
+    config.xdp.mode = XdpMode::Generic;
+    config.xdp.pin_dir = pin_dir;
+    config.xdp.require = true;
+    config.store.path = state.path().join("homerelay.db");
     // The relay's sockets and XDP attachments live in the relay namespace.
-    let relay = tb.run_in(Host::Relay, move || {
-        Relay::start(RelayOptions {
-            port_min: 30528,
-            port_max: 30547,
-            workers: 1,
-            xdp: Some(XdpOptions {
-                interfaces: vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()],
-                mode: XdpMode::Generic,
-                pin_dir: Some(pin_dir),
-            }),
-            require_xdp: true,
-            events: None,
-        })
-        .expect("the relay with its fast path")
-    });
-    let relay = Arc::new(relay);
-    let layout = Layout::custom(30528, 30547, 10, 1).expect("layout");
-    let allocator = Allocator::new(Config::new(layout, 3), Instant::now()).expect("allocator");
-    let service = Service::start(
-        allocator,
-        relay.clone(),
-        ServiceOptions {
-            relay_addresses: [Some(netns::RELAY_HOME_ADDR), Some(netns::RELAY_OFFICE_ADDR)],
-            poll_interval: Duration::from_millis(20),
-            ..ServiceOptions::default()
-        },
-    );
+    let daemon = DaemonBuilder::new(config)
+        .seed(3)
+        .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .build()
+        .expect("the daemon with its fast path");
+    let service = daemon.service;
+    let relay = daemon.relay.expect("a relay");
     assert_eq!(service.pool().await.unwrap().data_path, "xdp");
     let mut watcher = service.watch();
 

@@ -16,15 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{WAIT, allocate_request, by_port, peer, recv, within};
+use control::daemon::DaemonBuilder;
 use control::metrics::{self, CounterSource, Exporter, Metrics, names};
 use control::server::{self, Security};
-use control::service::{Dataplane, Service, ServiceOptions};
+use control::service::Service;
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
 use relay_common::Counter as XdpCounter;
-use relay_core::allocator::{self, Allocator, Layout};
+use relay_user::Relay;
 use relay_user::userspace::UserspaceCounters;
-use relay_user::{Relay, RelayOptions};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 
@@ -68,6 +68,7 @@ struct MetricsServer {
     metrics: SocketAddr,
     service: Service,
     _source: Arc<dyn CounterSource>,
+    _state: tempfile::TempDir,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -75,35 +76,21 @@ struct MetricsServer {
 impl MetricsServer {
     /// A server on relay ports `first..=last` with `capacity` channels and an upstream limit.
     async fn start(first: u16, last: u16, capacity: u32) -> MetricsServer {
-        let relay = Arc::new(
-            Relay::start(RelayOptions {
-                port_min: first,
-                port_max: last,
-                workers: 1,
-                xdp: None,
-                require_xdp: false,
-                events: None,
-            })
-            .expect("start the user-space relay"),
-        );
-        let layout = Layout::custom(first, last, capacity, 1).expect("layout");
-        let config = allocator::Config {
+        let state = tempfile::tempdir().expect("state directory");
+        let mut config = common::Setup {
+            capacity,
             upstream_kbps: Some(1000),
-            quarantine: Duration::ZERO,
-            ..allocator::Config::new(layout, 11)
-        };
-        let allocator = Allocator::new(config, Instant::now()).expect("allocator");
-        let dataplane: Arc<dyn Dataplane> = relay.clone();
-        let service = Service::start_with_metrics(
-            allocator,
-            dataplane,
-            ServiceOptions {
-                poll_interval: Duration::from_millis(20),
-                layout_name: "custom",
-                ..ServiceOptions::default()
-            },
-            Metrics::new(),
-        );
+            ..common::Setup::new(first, last)
+        }
+        .config(state.path());
+        config.pool.media_timeout = Duration::from_secs(60);
+        let daemon = DaemonBuilder::new(config)
+            .seed(11)
+            .metrics(Metrics::new())
+            .build()
+            .expect("start the daemon");
+        let service = daemon.service;
+        let relay = daemon.relay.expect("a relay");
         let source: Arc<dyn CounterSource> = Arc::new(Source {
             relay,
             xdp: xdp_totals(),
@@ -145,6 +132,7 @@ impl MetricsServer {
             metrics: metrics_addr,
             service,
             _source: source,
+            _state: state,
             stop,
             tasks: vec![grpc, http],
         }

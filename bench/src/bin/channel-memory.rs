@@ -15,17 +15,15 @@
 use std::alloc::{GlobalAlloc, Layout as MemLayout, System};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
 use control::config::{Config, Overrides};
-use control::service::{Dataplane, Service, ServiceOptions};
+use control::daemon::DaemonBuilder;
 use relay_core::allocator::{self, Allocator, Kind, Layout, Request};
 use relay_core::{ChannelSpec, LegSpec};
-use relay_user::Relay;
 use serde::Serialize;
 
 static HEAP: AtomicIsize = AtomicIsize::new(0);
@@ -193,7 +191,7 @@ fn service_memory(cli: &Cli) -> anyhow::Result<ServiceMemory> {
         listen: Some((Ipv4Addr::LOCALHOST, 0).into()),
         ..Overrides::default()
     })?;
-    let (layout, name) = config.layout()?;
+    let (layout, _) = config.layout()?;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -213,20 +211,11 @@ fn service_memory(cli: &Cli) -> anyhow::Result<ServiceMemory> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let relay_options = config.relay_options();
         let workers = std::thread::available_parallelism().map_or(1, |p| p.get());
-        let relay: Arc<dyn Dataplane> = Arc::new(Relay::start(relay_options)?);
-        let allocator = Allocator::new(config.allocator_config(3), Instant::now())?;
-        let service = Service::start(
-            allocator,
-            relay,
-            ServiceOptions {
-                relay_addresses: config.relay_addresses(),
-                poll_interval: config.events.poll_interval,
-                event_buffer: config.events.buffer,
-                layout_name: name.name(),
-            },
-        );
+        let state = tempfile::tempdir()?;
+        let mut config = config.clone();
+        config.store.path = state.path().join("homerelay.db");
+        let service = DaemonBuilder::new(config).seed(3).build()?.service;
         // One warm-up channel, so the first-use costs (thread-locals, lazily grown tables of
         // the runtime) are not charged to the channels.
         let spec = |i: u32| ChannelSpec {

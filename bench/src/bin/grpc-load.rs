@@ -20,12 +20,12 @@ use bench::cpu::{self, CpuSample};
 use bench::histogram::{Histogram, Percentiles};
 use clap::Parser;
 use control::config::{Config, Overrides};
+use control::daemon::DaemonBuilder;
 use control::metrics::Metrics;
 use control::server::{self, Security};
-use control::service::{Dataplane, Service, ServiceOptions};
+use control::service::{Dataplane, Service};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
-use relay_core::Allocator;
 use relay_user::Relay;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -337,16 +337,35 @@ impl relay_user::DataPath for NullDataplane {
 }
 
 impl Dataplane for NullDataplane {
-    fn fast_path_channel(&self, _port: u16) -> Option<relay_common::Channel> {
-        None
+    fn install_new(
+        &self,
+        port: u16,
+        channel: &relay_common::Channel,
+    ) -> Result<u64, relay_user::DataPathError> {
+        self.map().insert(port, *channel);
+        Ok(1)
+    }
+
+    fn update(
+        &self,
+        port: u16,
+        channel: &relay_common::Channel,
+        _replace: [bool; 2],
+    ) -> Result<(), relay_user::DataPathError> {
+        self.map().insert(port, *channel);
+        Ok(())
     }
 
     fn fast_path_unavailable(&self) -> Option<String> {
         Some("null data path".to_owned())
     }
 
-    fn inherited_ports(&self) -> Vec<u16> {
+    fn inherited(&self) -> Vec<(u16, relay_common::Channel)> {
         Vec::new()
+    }
+
+    fn adopt(&self, port: u16) -> Result<u64, relay_user::DataPathError> {
+        Err(relay_user::DataPathError::NotFound(port))
     }
 }
 
@@ -354,6 +373,7 @@ struct Server {
     runtime: tokio::runtime::Runtime,
     addr: SocketAddr,
     service: Service,
+    _state: tempfile::TempDir,
     capacity: u32,
     server_threads: usize,
 }
@@ -368,36 +388,28 @@ fn start_server(cli: &Cli) -> anyhow::Result<Server> {
             ..Overrides::default()
         })
         .context("configuration")?;
-    let (layout, name) = config.layout()?;
+    let (layout, _) = config.layout()?;
     let server_threads = cli.server_threads.unwrap_or_else(cpu::online_cores).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(server_threads)
         .thread_name("hr-server")
         .enable_all()
         .build()?;
+    // The service as `homerelay run` builds it, with its state database in a temporary
+    // directory (every allocation and release is written there before the data path moves).
+    let state = tempfile::tempdir().context("a temporary state directory")?;
+    config.store.path = state.path().join("homerelay.db");
     let (addr, service) = runtime.block_on(async {
-        let dataplane: Arc<dyn Dataplane> = if cli.null_dataplane {
-            Arc::new(NullDataplane::default())
-        } else {
-            Arc::new(Relay::start(config.relay_options())?)
-        };
-        let allocator = Allocator::new(config.allocator_config(1), Instant::now())?;
         let metrics = if cli.no_metrics {
             Metrics::disabled()
         } else {
             Metrics::new()
         };
-        let service = Service::start_with_metrics(
-            allocator,
-            dataplane,
-            ServiceOptions {
-                relay_addresses: config.relay_addresses(),
-                poll_interval: config.events.poll_interval,
-                event_buffer: config.events.buffer,
-                layout_name: name.name(),
-            },
-            metrics,
-        );
+        let mut builder = DaemonBuilder::new(config.clone()).seed(1).metrics(metrics);
+        if cli.null_dataplane {
+            builder = builder.dataplane(Arc::new(NullDataplane::default()));
+        }
+        let service = builder.build()?.service;
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         tokio::spawn(server::serve(
@@ -412,6 +424,7 @@ fn start_server(cli: &Cli) -> anyhow::Result<Server> {
         runtime,
         addr,
         service,
+        _state: state,
         capacity: layout.capacity(),
         server_threads,
     })

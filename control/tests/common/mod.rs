@@ -9,15 +9,14 @@
 )]
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use control::config::{Config, LayoutName};
+use control::daemon::DaemonBuilder;
 use control::server::{self, Security};
-use control::service::{Dataplane, Service, ServiceOptions};
+use control::service::Service;
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
-use relay_core::allocator::{self, Allocator, Layout};
-use relay_user::{Relay, RelayOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -35,7 +34,6 @@ pub struct Setup {
     pub upstream_kbps: Option<u32>,
     pub media_timeout: Duration,
     pub security: Security,
-    pub poll_interval: Duration,
 }
 
 impl Setup {
@@ -48,8 +46,22 @@ impl Setup {
             upstream_kbps: None,
             media_timeout: Duration::from_secs(60),
             security: Security::default(),
-            poll_interval: Duration::from_millis(20),
         }
+    }
+
+    /// The daemon configuration of this setup: a user-space relay with one worker, released
+    /// ports reusable at once (tests check them by binding), the state database in `state`.
+    pub fn config(&self, state: &std::path::Path) -> Config {
+        let mut c = Config::default();
+        c.relay.layout = Some(LayoutName::Custom);
+        c.relay.ports = Some(format!("{}-{}", self.first_port, self.last_port));
+        c.relay.capacity = Some(self.capacity);
+        c.relay.workers = 1;
+        c.pool.upstream_kbps = self.upstream_kbps;
+        c.pool.media_timeout = self.media_timeout;
+        c.pool.quarantine = Duration::ZERO;
+        c.store.path = state.join("homerelay.db");
+        c
     }
 }
 
@@ -58,41 +70,20 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub url: String,
     pub service: Service,
+    /// The state database's directory (removed on drop).
+    pub state: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), server::ServeError>>>,
 }
 
 impl TestServer {
     pub async fn start(setup: Setup) -> TestServer {
-        let relay = Relay::start(RelayOptions {
-            port_min: setup.first_port,
-            port_max: setup.last_port,
-            workers: 1,
-            xdp: None,
-            require_xdp: false,
-            events: None,
-        })
-        .expect("start the user-space relay");
-        let layout = Layout::custom(setup.first_port, setup.last_port, setup.capacity, 1)
-            .expect("a valid test layout");
-        let config = allocator::Config {
-            upstream_kbps: setup.upstream_kbps,
-            media_timeout: setup.media_timeout,
-            // Released ports are reusable at once: tests check them by binding.
-            quarantine: Duration::ZERO,
-            ..allocator::Config::new(layout, 7)
-        };
-        let allocator = Allocator::new(config, Instant::now()).expect("allocator");
-        let relay: Arc<dyn Dataplane> = Arc::new(relay);
-        let service = Service::start(
-            allocator,
-            relay,
-            ServiceOptions {
-                poll_interval: setup.poll_interval,
-                layout_name: "custom",
-                ..ServiceOptions::default()
-            },
-        );
+        let state = tempfile::tempdir().expect("a temporary state directory");
+        let service = DaemonBuilder::new(setup.config(state.path()))
+            .seed(7)
+            .build()
+            .expect("start the daemon")
+            .service;
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind the API on loopback");
@@ -110,6 +101,7 @@ impl TestServer {
             addr,
             url: format!("http://{addr}"),
             service,
+            state,
             stop: Some(stop),
             task: Some(task),
         }
