@@ -301,9 +301,13 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .parse_filters(&cli.log)
-        .format_timestamp_millis()
+    // Structured logs on stderr; `log` records of the libraries are taken in too.
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .with_context(|| format!("--log {:?}: not a log filter", cli.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
         .init();
     match cli.command {
         Command::Run(args) => run(args),

@@ -721,9 +721,10 @@ impl Owner {
                 Ok(true) => adopted += 1,
                 Ok(false) => {}
                 Err(why) => {
-                    log::warn!(
-                        "channel {port} (id {}) from the state database dropped: {why}",
-                        row.id
+                    tracing::warn!(
+                        port,
+                        id = row.id,
+                        "channel from the state database dropped: {why}"
                     );
                     dropped.push(delete(port));
                 }
@@ -1126,7 +1127,30 @@ impl Owner {
     }
 
     fn emit(&self, kind: EventKind, latch: Option<Latch>, channel: ChannelView) {
-        log::debug!("channel {} {}", channel.port(), kind.name());
+        let info = &channel.info;
+        match &latch {
+            Some(l) => tracing::debug!(
+                port = info.slot.port,
+                call_id = %info.call_id,
+                leg_tag = %info.leg_tag,
+                id = info.id.0,
+                leg = l.leg,
+                component = ?l.component,
+                source = %l.source,
+                "channel {}",
+                kind.name()
+            ),
+            None => tracing::debug!(
+                port = info.slot.port,
+                call_id = %info.call_id,
+                leg_tag = %info.leg_tag,
+                id = info.id.0,
+                kind = %info.kind,
+                state = channel.state.name(),
+                "channel {}",
+                kind.name()
+            ),
+        }
         self.metrics.event(kind);
         let at = channel.clock.wall();
         // No receivers is fine: nobody is watching.
@@ -1229,10 +1253,12 @@ impl Owner {
             }
             self.forget(port);
             self.metrics.released(ReleaseReason::IdleTimeout);
-            log::info!(
-                "channel {port} ({} {:?}) released after {:?} without media",
-                released.channel.kind,
-                released.channel.call_id,
+            tracing::info!(
+                port,
+                call_id = %released.channel.call_id,
+                id = released.channel.id.0,
+                kind = %released.channel.kind,
+                "channel released after {:?} without media",
                 released.channel.timeout
             );
             if let Some(view) = views.remove(&port) {
