@@ -15,6 +15,7 @@ pub mod convert;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod notify;
 pub mod persist;
 pub mod server;
 pub mod service;
