@@ -28,7 +28,7 @@ fn next(socket: &UnixDatagram, log: &std::sync::Mutex<Vec<String>>) -> String {
         Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
         Err(e) => panic!(
             "no notification within {WAIT:?} ({e}); daemon log:\n{}",
-            log.lock().unwrap().join("\n")
+            log.lock().expect("log lock").join("\n")
         ),
     }
 }
@@ -73,7 +73,7 @@ fn run_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
         let (stderr, log) = (daemon.stderr.take().expect("stderr"), log.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push(line);
+                log.lock().expect("log lock").push(line);
             }
         })
     };
@@ -88,7 +88,7 @@ fn run_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
     let deadline = std::time::Instant::now() + WAIT;
     while !log
         .lock()
-        .unwrap()
+        .expect("log lock")
         .iter()
         .any(|l| l.contains("relaying on UDP 42400-42419"))
     {
@@ -122,7 +122,7 @@ fn run_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
     );
     let status = daemon.wait().expect("wait");
     reader.join().expect("log reader");
-    let log = log.lock().unwrap().join("\n");
+    let log = log.lock().expect("log lock").join("\n");
     assert!(status.success(), "exit {status}:\n{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
     // Everything the daemon sent is queued by now: nothing after STOPPING=1.
