@@ -128,7 +128,46 @@ impl Drop for Daemon {
 
 /// `homerelay run …` through `setpriv`, with the unit's capabilities, in the network namespace
 /// at `netns_path` (and the host's mount namespace, where the test's bpffs is).
-fn spawn_daemon(caps: &[String], netns_path: &Path, notify: &Path, args: &[String]) -> Daemon {
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// `mount_setattr(AT_FDCWD, path, AT_RECURSIVE, attr)`; async-signal-safe.
+fn mount_setattr_recursive(path: &CString, attr: &MountAttr) -> libc::c_long {
+    // SAFETY: `path` is NUL-terminated, `attr` a valid struct of the size passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            AT_RECURSIVE,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    }
+}
+
+/// Starts the daemon (through `setpriv`, which drops to the unit's user and capabilities) in
+/// the network namespace at `netns_path`, and in a mount namespace of its own that emulates the
+/// unit's file-system sandbox: everything read-only — `ProtectSystem=strict`, and with it
+/// `/proc/sys` and `/sys` as `ProtectKernelTunables=` makes them — except `writable` (the test's
+/// scratch directory with its bpffs, standing in for `StateDirectory=` and
+/// `ReadWritePaths=/sys/fs/bpf`). The pins stay visible to the test: same bpffs instance.
+fn spawn_daemon(
+    caps: &[String],
+    netns_path: &Path,
+    writable: &Path,
+    notify: &Path,
+    args: &[String],
+) -> Daemon {
     let caps_list = |sign: &str| {
         let mut v = vec!["-all".to_owned()];
         v.extend(caps.iter().map(|c| format!("{sign}{c}")));
@@ -161,13 +200,45 @@ fn spawn_daemon(caps: &[String], netns_path: &Path, notify: &Path, args: &[Strin
             cmd.env_remove(key);
         }
     }
-    // SAFETY: between fork and exec only async-signal-safe calls (setns, prctl); `ns` outlives
-    // the spawn.
+    let root = CString::new("/").expect("no NUL");
+    let rw = CString::new(writable.as_os_str().as_encoded_bytes()).expect("no NUL");
+    let read_only = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let read_write = MountAttr {
+        attr_set: 0,
+        attr_clr: MOUNT_ATTR_RDONLY,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: between fork and exec only async-signal-safe system calls (setns, unshare, mount,
+    // mount_setattr, prctl) on data prepared before the fork; `ns` outlives the spawn.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0
-                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-            {
+            let ok = libc::setns(ns_fd, libc::CLONE_NEWNET) == 0
+                && libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                ) == 0
+                // Its own mount first, so that it can be made writable again below.
+                && libc::mount(
+                    rw.as_ptr(),
+                    rw.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) == 0
+                && mount_setattr_recursive(&root, &read_only) == 0
+                && mount_setattr_recursive(&rw, &read_write) == 0
+                && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0;
+            if !ok {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -369,7 +440,7 @@ fn start(caps: &[String]) -> Started {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let daemon = spawn_daemon(caps, &relay_ns, &notify_path, &args);
+    let daemon = spawn_daemon(caps, &relay_ns, &scratch.dir, &notify_path, &args);
     Started {
         daemon,
         notify,
@@ -411,6 +482,18 @@ fn the_daemon_relays_through_xdp_with_only_the_units_privileges() {
             .all(|u| u == UID.to_string()),
         "{uid_line}"
     );
+    // … in the emulated file-system sandbox: /, /sys and /proc/sys read-only.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("mountinfo");
+    for point in ["/", "/sys", "/proc", "/tmp"] {
+        let Some(line) = mountinfo
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some(point))
+        else {
+            continue;
+        };
+        let opts = line.split_whitespace().nth(5).unwrap_or_default();
+        assert!(opts.starts_with("ro"), "{point} is writable: {line}");
+    }
     let want = caps.iter().map(|c| cap_bit(c)).fold(0, |a, b| a | b);
     assert_eq!(
         effective_caps(pid),
