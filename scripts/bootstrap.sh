@@ -10,6 +10,8 @@
 #   - a rustup toolchain `homerelay-bpf` linked to Debian's compiler, used by relay-user's build.rs.
 #   - protoc, bpftool, iproute2, ethtool, nftables and the test peers (tshark, socat...).
 #   - promtool (from Debian's prometheus package, without its server) for the metrics tests.
+#   - systemd (systemd-analyze, systemd-sysusers; nothing is started) and util-linux (setpriv)
+#     for the unit's tests: control/tests/systemd_unit.rs and control/tests/privileges.rs.
 set -euo pipefail
 
 TOOLS="${HOMERELAY_TOOLS:-/opt/homerelay-tools}"
@@ -29,6 +31,7 @@ APT_PACKAGES=(
   rustc-web rust-web-src cargo-web
   bpftool protobuf-compiler libprotobuf-dev
   iproute2 ethtool nftables procps
+  systemd util-linux
   build-essential pkg-config
 )
 missing=()

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod demo;
 pub mod error;
 pub mod metrics;
+pub mod notify;
 pub mod persist;
 pub mod server;
 pub mod service;

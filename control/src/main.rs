@@ -249,11 +249,15 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
         .context("installing the SIGINT handler")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    // systemd: READY=1 now (API bound, data path up, signals handled), WATCHDOG=1 while alive,
+    // STOPPING=1 below.
+    let notifier = control::notify::Notifier::ready(&service);
     let early = tokio::select! {
         _ = sigint.recv() => { log::info!("SIGINT received, shutting down"); None }
         _ = sigterm.recv() => { log::info!("SIGTERM received, shutting down"); None }
         r = &mut server => Some(r),
     };
+    notifier.stopping();
     // Stops accepting (the server's shutdown future is `service.stopping()`) and ends watch
     // streams. With a state database the channels stay (pinned maps + records) for the next
     // start to take over: a restart keeps the calls. Without one they are released.

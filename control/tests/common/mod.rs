@@ -8,6 +8,8 @@
     reason = "each test binary uses a different part of the helpers"
 )]
 
+pub mod unit;
+
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
