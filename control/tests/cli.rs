@@ -13,6 +13,7 @@ fn homerelay(args: &[&str]) -> Command {
     c.args(args)
         .env_remove("HOMERELAY_SERVER")
         .env_remove("HOMERELAY_TOKEN")
+        .env_remove("HOMERELAY_TOKEN_FILE")
         .env_remove("HOMERELAY_CONFIG");
     c
 }
@@ -274,4 +275,96 @@ async fn run_serves_and_shuts_down_on_sigterm() {
         udp_port_free(port),
         "the channel's ports are closed after shutdown"
     );
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("homerelay-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+const TOKEN_A: &str = "cli-token-a-0123456789abcdef";
+const TOKEN_B: &str = "cli-token-b-0123456789abcdef";
+
+/// The client takes the token from --token-file or HOMERELAY_TOKEN, never from a flag that `ps`
+/// shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_comes_from_a_file_or_the_environment_never_from_a_flag() {
+    let mut setup = Setup::new(42360, 42379);
+    setup.security.require_auth = true;
+    setup.security.token = Some(TOKEN_A.into());
+    let server = TestServer::start(setup).await;
+    let url = server.url.clone();
+    let dir = temp_dir("token");
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{TOKEN_A}\n")).expect("write");
+    let file_arg = file.to_str().expect("utf-8 path");
+
+    let out = stdout(
+        &output(homerelay(&[
+            "pool",
+            "--server",
+            &url,
+            "--token-file",
+            file_arg,
+        ]))
+        .await,
+    );
+    assert!(out.starts_with("layout"), "{out}");
+    let mut c = homerelay(&["pool", "--server", &url]);
+    c.env("HOMERELAY_TOKEN", TOKEN_A);
+    let out = stdout(&output(c).await);
+    assert!(out.starts_with("layout"), "{out}");
+    let mut c = homerelay(&["pool", "--server", &url]);
+    c.env("HOMERELAY_TOKEN_FILE", &file);
+    stdout(&output(c).await);
+
+    let o = output(homerelay(&["pool", "--server", &url])).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("missing bearer token"), "{err}");
+
+    let o = output(homerelay(&["pool", "--server", &url, "--token", TOKEN_A])).await;
+    assert!(!o.status.success(), "--token must not work");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--token is not accepted: other users can read command lines (ps)")
+            && err.contains("--token-file FILE, or set HOMERELAY_TOKEN"),
+        "{err}"
+    );
+
+    let help = stdout(&output(homerelay(&["pool", "--help"])).await);
+    assert!(help.contains("--token-file <TOKEN_FILE>"), "{help}");
+    assert!(help.contains("HOMERELAY_TOKEN"), "{help}");
+    assert!(!help.contains("--token <"), "{help}");
+    let _ = std::fs::remove_dir_all(&dir);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_token_without_tls_on_a_public_address() {
+    let dir = temp_dir("public-token");
+    let file = dir.join("token");
+    std::fs::write(&file, TOKEN_A).expect("write");
+    // No --check-config: the real start is refused, before anything is bound.
+    let o = output(homerelay(&[
+        "run",
+        "--listen",
+        "0.0.0.0:0",
+        "--token-file",
+        file.to_str().expect("utf-8 path"),
+        "--no-metrics",
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "api.tls: a bearer token on 0.0.0.0:0, which is not a loopback address, needs TLS: \
+             plain HTTP/2 would carry the token in clear"
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
