@@ -368,3 +368,126 @@ async fn run_refuses_a_token_without_tls_on_a_public_address() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A running daemon: its log lines arrive on a channel.
+struct Daemon {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = homerelay(args)
+            .env("HOMERELAY_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start homerelay run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The first log line containing `needle` (within [`WAIT`] per line).
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let Ok(line) = self.lines.recv_timeout(WAIT) else {
+                let _ = self.child.kill();
+                panic!("no log line with {needle:?}:\n{}", self.log.join("\n"));
+            };
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signals the child this test started, by its pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0);
+    }
+}
+
+/// SIGHUP to a real `homerelay run`: the token file is read again; the old token is refused,
+/// the new one accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_of_a_running_daemon() {
+    let dir = temp_dir("sighup");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN_A).expect("write");
+    let config = dir.join("homerelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nrequire_auth = true\ntoken_file = {:?}\n",
+            token_file.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("write config");
+    let mut daemon = Daemon::start(&[
+        "run",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--ports",
+        "42380-42389",
+        "--workers",
+        "1",
+        "--no-metrics",
+    ]);
+    let line = daemon.wait_for("gRPC API on ");
+    let addr = line
+        .split("gRPC API on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address")
+        .to_owned();
+    let url = format!("http://{addr}");
+    let pool = |token: &str| {
+        let mut c = homerelay(&["pool", "--server", &url]);
+        c.env("HOMERELAY_TOKEN", token);
+        output(c)
+    };
+    stdout(&pool(TOKEN_A).await);
+
+    std::fs::write(&token_file, TOKEN_B).expect("rewrite");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded the API credentials");
+    let o = pool(TOKEN_A).await;
+    assert!(!o.status.success(), "token A must be refused after SIGHUP");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid bearer token"), "{err}");
+    stdout(&pool(TOKEN_B).await);
+
+    // A broken file: the daemon says why and keeps B.
+    std::fs::write(&token_file, "short").expect("rewrite");
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.wait_for("kept the API credentials in force");
+    assert!(line.contains("api.token_file"), "{line}");
+    stdout(&pool(TOKEN_B).await);
+
+    daemon.signal(libc::SIGTERM);
+    let mut child = daemon.child;
+    let status = within(tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        daemon.log.join("\n")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
