@@ -478,6 +478,40 @@ async fn sighup_reloads_the_token_of_a_running_daemon() {
     assert!(line.contains("api.token_file"), "{line}");
     stdout(&pool(TOKEN_B).await);
 
+    // Open health and channel Watch streams must not hold SIGTERM.
+    let channel = within(
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("url")
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    within(health.message())
+        .await
+        .expect("health status")
+        .expect("a first status");
+    let mut events = proto::v1::channel_service_client::ChannelServiceClient::with_interceptor(
+        channel,
+        |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {TOKEN_B}").parse().expect("ascii"),
+            );
+            Ok(r)
+        },
+    )
+    .watch(proto::v1::WatchRequest::default())
+    .await
+    .expect("watch")
+    .into_inner();
+
     daemon.signal(libc::SIGTERM);
     let mut child = daemon.child;
     let status = within(tokio::task::spawn_blocking(move || child.wait()))
@@ -489,5 +523,7 @@ async fn sighup_reloads_the_token_of_a_running_daemon() {
         "exit {status}:\n{}",
         daemon.log.join("\n")
     );
+    while let Ok(Some(_)) = within(health.message()).await {}
+    while let Ok(Some(_)) = within(events.message()).await {}
     let _ = std::fs::remove_dir_all(&dir);
 }
