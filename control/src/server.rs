@@ -932,6 +932,35 @@ mod tests {
     }
 
     #[test]
+    fn only_the_decode_limit_becomes_resource_exhausted() {
+        let headers = |status: &'static str, message: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-status", http::HeaderValue::from_static(status));
+            h.insert("grpc-message", http::HeaderValue::from_static(message));
+            h
+        };
+        for message in [
+            "Error,%20decoded%20message%20length%20too%20large:%20found%2070000%20bytes",
+            "Error, decoded message length too large: found 70000 bytes",
+        ] {
+            let mut h = headers("11", message);
+            relabel_too_large(&mut h);
+            assert_eq!(h["grpc-status"], "8");
+            assert_eq!(
+                h["grpc-message"],
+                "request message too large: the limit is 65536 bytes"
+            );
+        }
+        // Anything else is left alone.
+        for (status, message) in [("11", "port out of range"), ("3", "Error, decoded message")] {
+            let mut h = headers(status, message);
+            relabel_too_large(&mut h);
+            assert_eq!(h["grpc-status"], status);
+            assert_eq!(h["grpc-message"], message);
+        }
+    }
+
+    #[test]
     fn bearer_tokens_are_checked() {
         let auth = BearerAuth::new(Some("0123456789abcdef"));
         assert!(
