@@ -27,8 +27,17 @@ pub struct Connection {
     /// URL of the homerelay API (https:// for TLS).
     #[arg(long, env = "HOMERELAY_SERVER", default_value = DEFAULT_SERVER_URL, global = true)]
     pub server: String,
-    /// Bearer token, if the daemon requires one.
-    #[arg(long, env = "HOMERELAY_TOKEN", hide_env_values = true, global = true)]
+    /// File holding the bearer token, if the daemon requires one. Instead of a file, the token
+    /// may be in the environment variable HOMERELAY_TOKEN; there is no flag taking the token
+    /// itself, because other users see command lines (ps).
+    #[arg(long, env = "HOMERELAY_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Refused: a token on the command line is visible to every user (ps). Kept only to say so.
+    #[arg(long = "token", hide = true, global = true, value_name = "TOKEN")]
+    pub token_flag: Option<String>,
+    /// The bearer token itself, for programs that build a `Connection` (the command line takes
+    /// it from `--token-file` or HOMERELAY_TOKEN, see [`Connection::bearer_token`]).
+    #[arg(skip)]
     pub token: Option<String>,
     /// CA certificate (PEM) that the daemon's TLS certificate chains to.
     #[arg(long, env = "HOMERELAY_CA_CERT", global = true)]
@@ -195,8 +204,44 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// The variable the CLI reads the bearer token from when there is no `--token-file`.
+pub const TOKEN_ENV: &str = "HOMERELAY_TOKEN";
+
+impl Connection {
+    /// The bearer token to send: `token` if set, else the content of `--token-file`, else
+    /// HOMERELAY_TOKEN; `None` without any.
+    pub fn bearer_token(&self) -> anyhow::Result<Option<String>> {
+        if self.token_flag.is_some() {
+            anyhow::bail!(
+                "--token is not accepted: other users can read command lines (ps). Put the token \
+                 in a file readable only by you and pass --token-file FILE, or set {TOKEN_ENV}"
+            );
+        }
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file: reading {}", path.display()))?;
+            let token = text.trim();
+            if token.is_empty() {
+                anyhow::bail!("--token-file: {} is empty", path.display());
+            }
+            return Ok(Some(token.to_owned()));
+        }
+        match std::env::var(TOKEN_ENV) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("{TOKEN_ENV} is not valid UTF-8")
+            }
+        }
+    }
+}
+
 /// Connects to the daemon.
 pub async fn connect(c: &Connection) -> anyhow::Result<Client> {
+    let token = c.bearer_token()?;
     let mut endpoint = Endpoint::from_shared(c.server.clone())
         .with_context(|| format!("{:?} is not a URL like {DEFAULT_SERVER_URL}", c.server))?
         .connect_timeout(Duration::from_secs(5));
@@ -221,8 +266,7 @@ pub async fn connect(c: &Connection) -> anyhow::Result<Client> {
             root_cause(&e)
         )
     })?;
-    let header = c
-        .token
+    let header = token
         .as_ref()
         .map(|t| {
             format!("Bearer {t}")

@@ -196,7 +196,29 @@ pub struct ApiSection {
     pub token_file: Option<PathBuf>,
     /// TLS; with `client_ca`, mutual TLS.
     pub tls: Option<TlsSection>,
+    /// Open connections at most; a connection beyond it is closed at once.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection (the SETTINGS value sent to clients): open
+    /// Watch streams count.
+    pub max_concurrent_streams: u32,
+    /// Requests of one connection handled at once; more wait for a free slot.
+    pub max_requests_per_connection: usize,
+    /// A client must finish the TLS handshake within this time or is disconnected.
+    #[serde(deserialize_with = "de_duration")]
+    pub tls_handshake_timeout: Duration,
+    /// At shutdown, how long requests in flight may take before their connections are closed.
+    /// Watch streams (channel events and health) end at once, so this bounds only slow or
+    /// misbehaving clients.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
 }
+
+/// Defaults of the `[api]` limits.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 64;
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 impl Default for ApiSection {
     fn default() -> Self {
@@ -205,6 +227,11 @@ impl Default for ApiSection {
             require_auth: false,
             token_file: None,
             tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_requests_per_connection: DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -435,6 +462,7 @@ impl Config {
             ConfigError::new(key, e)
         })?;
         self.check_exposure()?;
+        self.check_api_limits()?;
         if !(16..=1_000_000).contains(&self.events.buffer) {
             return Err(ConfigError::new(
                 "events.buffer",
@@ -456,14 +484,27 @@ impl Config {
         Ok(())
     }
 
-    /// The API must not be reachable from other hosts without authentication.
+    /// The API must not be reachable from other hosts without authentication, and a bearer
+    /// token must not cross the network in clear.
     fn check_exposure(&self) -> Result<(), ConfigError> {
         let api = &self.api;
         let mutual_tls = api.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if api.token_file.is_some() && api.tls.is_none() && !api.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "api.tls",
+                format!(
+                    "a bearer token on {}, which is not a loopback address, needs TLS: plain \
+                     HTTP/2 would carry the token in clear. Configure [api.tls] (cert, key) or \
+                     listen on a loopback address",
+                    api.listen
+                ),
+            ));
+        }
         if api.token_file.is_some() || mutual_tls {
             return Ok(());
         }
-        let how = "set api.token_file (a bearer token) or api.tls with client_ca (mutual TLS)";
+        let how = "set api.token_file (a bearer token; off loopback also api.tls) or api.tls with \
+                   client_ca (mutual TLS)";
         if api.require_auth {
             return Err(ConfigError::new(
                 "api.require_auth",
@@ -478,6 +519,40 @@ impl Config {
                     api.listen
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn check_api_limits(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if !(1..=100_000).contains(&api.max_connections) {
+            return Err(ConfigError::new(
+                "api.max_connections",
+                format!("{} is outside 1..=100000", api.max_connections),
+            ));
+        }
+        if !(1..=100_000).contains(&api.max_concurrent_streams) {
+            return Err(ConfigError::new(
+                "api.max_concurrent_streams",
+                format!("{} is outside 1..=100000", api.max_concurrent_streams),
+            ));
+        }
+        if !(1..=100_000).contains(&api.max_requests_per_connection) {
+            return Err(ConfigError::new(
+                "api.max_requests_per_connection",
+                format!("{} is outside 1..=100000", api.max_requests_per_connection),
+            ));
+        }
+        for (key, d) in [
+            ("api.tls_handshake_timeout", api.tls_handshake_timeout),
+            ("api.shutdown_grace", api.shutdown_grace),
+        ] {
+            if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&d) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{d:?} is outside 10ms..=600s"),
+                ));
+            }
         }
         Ok(())
     }
@@ -653,6 +728,42 @@ mod tests {
         assert!(c.xdp.interfaces.is_empty());
         assert!(c.metrics.enabled);
         assert_eq!(c.metrics.listen, crate::metrics::DEFAULT_LISTEN);
+        assert_eq!(c.api.max_connections, 128);
+        assert_eq!(c.api.max_concurrent_streams, 512);
+        assert_eq!(c.api.max_requests_per_connection, 32);
+        assert_eq!(c.api.tls_handshake_timeout, Duration::from_secs(5));
+        assert_eq!(c.api.shutdown_grace, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn api_limits_have_defaults_and_bounds() {
+        let c = Config::from_toml("").expect("valid");
+        assert_eq!(c.api.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.api.tls_handshake_timeout, DEFAULT_TLS_HANDSHAKE_TIMEOUT);
+        for (text, message) in [
+            (
+                "[api]\nmax_connections = 0\n",
+                "api.max_connections: 0 is outside 1..=100000",
+            ),
+            (
+                "[api]\nmax_concurrent_streams = 0\n",
+                "api.max_concurrent_streams: 0 is outside 1..=100000",
+            ),
+            (
+                "[api]\nmax_requests_per_connection = 0\n",
+                "api.max_requests_per_connection: 0 is outside 1..=100000",
+            ),
+            (
+                "[api]\ntls_handshake_timeout = \"1h\"\n",
+                "api.tls_handshake_timeout: 3600s is outside 10ms..=600s",
+            ),
+            (
+                "[api]\nshutdown_grace = \"0s\"\n",
+                "api.shutdown_grace: 0ns is outside 10ms..=600s",
+            ),
+        ] {
+            assert_eq!(err(text), message, "{text}");
+        }
     }
 
     #[test]
@@ -792,8 +903,17 @@ mod tests {
         let e =
             err("[api]\nlisten = \"[::]:4080\"\n[api.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
         assert!(e.starts_with("api.listen: "), "{e}");
+        // A token over plain HTTP/2 to other hosts would travel in clear.
+        let e = err("[api]\nlisten = \"0.0.0.0:4080\"\ntoken_file = \"/etc/homerelay/token\"\n");
+        assert!(
+            e.starts_with(
+                "api.tls: a bearer token on 0.0.0.0:4080, which is not a loopback address, needs TLS"
+            ),
+            "{e}"
+        );
         for ok in [
-            "[api]\nlisten = \"0.0.0.0:4080\"\ntoken_file = \"/etc/homerelay/token\"\n",
+            "[api]\nlisten = \"0.0.0.0:4080\"\ntoken_file = \"/etc/homerelay/token\"\n[api.tls]\ncert = \"c\"\nkey = \"k\"\n",
+            "[api]\nlisten = \"127.0.0.1:4080\"\nrequire_auth = true\ntoken_file = \"/etc/homerelay/token\"\n",
             "[api]\nlisten = \"0.0.0.0:4080\"\n[api.tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n",
             "[api]\nlisten = \"[::1]:4080\"\n",
         ] {

@@ -275,11 +275,8 @@ pub fn list_from_pb(r: &pb::ListRequest) -> Result<ListQuery, ServiceError> {
                 })?,
         )
     };
-    let kinds = r
-        .kinds
-        .iter()
-        .map(|&k| kind_from_pb(k, "kinds"))
-        .collect::<Result<_, _>>()?;
+    let kinds = kinds_from_pb(&r.kinds)?;
+    check_filter_len("states", r.states.len(), ChannelState::ALL.len(), "states")?;
     let states = r
         .states
         .iter()
@@ -300,7 +297,29 @@ pub fn page_token(after: Option<u16>) -> String {
 
 /// The kinds filter of a Watch request.
 pub fn watch_kinds_from_pb(r: &pb::WatchRequest) -> Result<Vec<Kind>, ServiceError> {
-    r.kinds.iter().map(|&k| kind_from_pb(k, "kinds")).collect()
+    kinds_from_pb(&r.kinds)
+}
+
+/// A filter names each value at most once in sense, so it has at most as many entries as there
+/// are values: a longer one is refused rather than scanned for every channel or event.
+fn check_filter_len(
+    field: &str,
+    len: usize,
+    values: usize,
+    what: &str,
+) -> Result<(), ServiceError> {
+    if len > values {
+        return Err(ServiceError::invalid(
+            field,
+            format!("{len} entries, more than the {values} {what} there are"),
+        ));
+    }
+    Ok(())
+}
+
+fn kinds_from_pb(kinds: &[i32]) -> Result<Vec<Kind>, ServiceError> {
+    check_filter_len("kinds", kinds.len(), Kind::ALL.len(), "kinds")?;
+    kinds.iter().map(|&k| kind_from_pb(k, "kinds")).collect()
 }
 
 fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
@@ -607,5 +626,29 @@ mod tests {
         })
         .expect_err("too big");
         assert_eq!(e.to_string(), "page_size: 1001 is more than 1000");
+
+        let e = list_from_pb(&pb::ListRequest {
+            kinds: vec![pb::ChannelKind::SipDevice as i32; 6],
+            ..Default::default()
+        })
+        .expect_err("too many kinds");
+        assert_eq!(
+            e.to_string(),
+            "kinds: 6 entries, more than the 5 kinds there are"
+        );
+        let e = list_from_pb(&pb::ListRequest {
+            states: vec![pb::ChannelState::Waiting as i32; 4],
+            ..Default::default()
+        })
+        .expect_err("too many states");
+        assert_eq!(
+            e.to_string(),
+            "states: 4 entries, more than the 3 states there are"
+        );
+        let e = watch_kinds_from_pb(&pb::WatchRequest {
+            kinds: vec![pb::ChannelKind::SipDevice as i32; 6],
+        })
+        .expect_err("too many kinds");
+        assert!(e.to_string().starts_with("kinds: 6 entries"), "{e}");
     }
 }

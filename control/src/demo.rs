@@ -662,6 +662,8 @@ impl Session {
         let mut api = client::connect(&Connection {
             server: url,
             token: None,
+            token_file: None,
+            token_flag: None,
             ca_cert: None,
             cert: None,
             key: None,

@@ -5,7 +5,7 @@
 //! 127.0.0.1:9464) unless a config file (`--config`) or flags say otherwise; flags and
 //! `HOMERELAY_*` variables win over the file. `--xdp-iface` adds the XDP fast path. On SIGINT
 //! or SIGTERM it stops accepting requests, releases every channel from the data path and
-//! detaches XDP.
+//! detaches XDP. SIGHUP re-reads the API's token file and TLS certificate and key.
 //!
 //! `homerelay channels ...` and `homerelay pool` talk to a running daemon over the API.
 use std::net::SocketAddr;
@@ -15,10 +15,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use control::client::{ChannelsCommand, Connection};
-use control::config::{self, Config, LayoutName, Overrides};
+use control::config::{Config, LayoutName, Overrides};
 use control::daemon::DaemonBuilder;
 use control::metrics::{self, CounterSource, Exporter, Metrics};
-use control::server::{self, Security, TlsPem};
+use control::server::{self, Credentials, Limits};
 use relay_user::xdp::XdpMode;
 
 /// homerelay: an RTP media relay for phones and softphones registering from the Internet.
@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the relay until SIGINT or SIGTERM.
+    /// Run the relay until SIGINT or SIGTERM (SIGHUP reloads the API token and TLS files).
     Run(RunArgs),
     /// Channels of a running relay.
     Channels {
@@ -129,37 +129,6 @@ impl RunArgs {
     }
 }
 
-fn read_pem(key: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("{key}: reading {}", path.display()))
-}
-
-/// The API's authentication material, read from the files the configuration names.
-fn security(config: &Config) -> anyhow::Result<Security> {
-    let token = config
-        .api
-        .token_file
-        .as_deref()
-        .map(config::load_token)
-        .transpose()?;
-    let tls = match &config.api.tls {
-        None => None,
-        Some(t) => Some(TlsPem {
-            cert: read_pem("api.tls.cert", &t.cert)?,
-            key: read_pem("api.tls.key", &t.key)?,
-            client_ca: t
-                .client_ca
-                .as_deref()
-                .map(|p| read_pem("api.tls.client_ca", p))
-                .transpose()?,
-        }),
-    };
-    Ok(Security {
-        require_auth: config.api.require_auth,
-        token,
-        tls,
-    })
-}
-
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).context("invalid configuration")?,
@@ -168,7 +137,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     config
         .apply(args.overrides())
         .context("invalid configuration")?;
-    let security = security(&config).context("invalid configuration")?;
+    let credentials = Credentials::load(&config.api).context("invalid configuration")?;
     if args.check_config {
         println!("configuration is valid: {config:#?}");
         return Ok(());
@@ -177,10 +146,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?
-        .block_on(daemon(config, security))
+        .block_on(daemon(config, credentials))
 }
 
-async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
+async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> {
     // The API port first: a port conflict is reported before the data path is touched.
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
@@ -238,10 +207,11 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
         );
         tokio::spawn(metrics::serve(listener, exporter, service.stopping()))
     });
-    let mut server = tokio::spawn(server::serve(
+    let mut server = tokio::spawn(server::serve_with(
         listener,
         service.clone(),
-        security,
+        credentials.clone(),
+        Limits::from_config(&config.api),
         service.stopping(),
     ));
 
@@ -249,13 +219,21 @@ async fn daemon(config: Config, security: Security) -> anyhow::Result<()> {
         .context("installing the SIGINT handler")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     // systemd: READY=1 now (API bound, data path up, signals handled), WATCHDOG=1 while alive,
     // STOPPING=1 below.
     let notifier = control::notify::Notifier::ready(&service);
-    let early = tokio::select! {
-        _ = sigint.recv() => { log::info!("SIGINT received, shutting down"); None }
-        _ = sigterm.recv() => { log::info!("SIGTERM received, shutting down"); None }
-        r = &mut server => Some(r),
+    let early = loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT received, shutting down"); break None }
+            _ = sigterm.recv() => { log::info!("SIGTERM received, shutting down"); break None }
+            _ = sighup.recv() => {
+                log::info!("SIGHUP received");
+                credentials.reload_and_log();
+            }
+            r = &mut server => break Some(r),
+        }
     };
     notifier.stopping();
     // Stops accepting (the server's shutdown future is `service.stopping()`) and ends watch
@@ -360,7 +338,7 @@ mod tests {
         let opts = config.relay_options();
         assert_eq!((opts.port_min, opts.port_max), (30528, 30887));
         assert!(opts.xdp.is_none());
-        assert_eq!(config.api.listen, config::DEFAULT_LISTEN);
+        assert_eq!(config.api.listen, control::config::DEFAULT_LISTEN);
     }
 
     #[test]

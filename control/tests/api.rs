@@ -850,6 +850,8 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
         // The server certificate names localhost; the server listens on 127.0.0.1.
         server: format!("https://localhost:{}", server.addr.port()),
         token: None,
+        token_file: None,
+        token_flag: None,
         ca_cert: Some(dir.join("ca.pem")),
         cert: with_identity.then(|| dir.join("client.pem")),
         key: with_identity.then(|| dir.join("client.key")),

@@ -13,6 +13,7 @@ fn homerelay(args: &[&str]) -> Command {
     c.args(args)
         .env_remove("HOMERELAY_SERVER")
         .env_remove("HOMERELAY_TOKEN")
+        .env_remove("HOMERELAY_TOKEN_FILE")
         .env_remove("HOMERELAY_CONFIG");
     c
 }
@@ -383,4 +384,257 @@ async fn run_keeps_channels_across_a_restart_and_refuses_a_second_daemon() {
         udp_port_free(port),
         "the channel's ports are closed after shutdown"
     );
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("homerelay-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+const TOKEN_A: &str = "cli-token-a-0123456789abcdef";
+const TOKEN_B: &str = "cli-token-b-0123456789abcdef";
+
+/// The client takes the token from --token-file or HOMERELAY_TOKEN, never from a flag that `ps`
+/// shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_comes_from_a_file_or_the_environment_never_from_a_flag() {
+    let mut setup = Setup::new(42360, 42379);
+    setup.security.require_auth = true;
+    setup.security.token = Some(TOKEN_A.into());
+    let server = TestServer::start(setup).await;
+    let url = server.url.clone();
+    let dir = temp_dir("token");
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{TOKEN_A}\n")).expect("write");
+    let file_arg = file.to_str().expect("utf-8 path");
+
+    let out = stdout(
+        &output(homerelay(&[
+            "pool",
+            "--server",
+            &url,
+            "--token-file",
+            file_arg,
+        ]))
+        .await,
+    );
+    assert!(out.starts_with("layout"), "{out}");
+    let mut c = homerelay(&["pool", "--server", &url]);
+    c.env("HOMERELAY_TOKEN", TOKEN_A);
+    let out = stdout(&output(c).await);
+    assert!(out.starts_with("layout"), "{out}");
+    let mut c = homerelay(&["pool", "--server", &url]);
+    c.env("HOMERELAY_TOKEN_FILE", &file);
+    stdout(&output(c).await);
+
+    let o = output(homerelay(&["pool", "--server", &url])).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("missing bearer token"), "{err}");
+
+    let o = output(homerelay(&["pool", "--server", &url, "--token", TOKEN_A])).await;
+    assert!(!o.status.success(), "--token must not work");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--token is not accepted: other users can read command lines (ps)")
+            && err.contains("--token-file FILE, or set HOMERELAY_TOKEN"),
+        "{err}"
+    );
+
+    let help = stdout(&output(homerelay(&["pool", "--help"])).await);
+    assert!(help.contains("--token-file <TOKEN_FILE>"), "{help}");
+    assert!(help.contains("HOMERELAY_TOKEN"), "{help}");
+    assert!(!help.contains("--token <"), "{help}");
+    let _ = std::fs::remove_dir_all(&dir);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_token_without_tls_on_a_public_address() {
+    let dir = temp_dir("public-token");
+    let file = dir.join("token");
+    std::fs::write(&file, TOKEN_A).expect("write");
+    // No --check-config: the real start is refused, before anything is bound.
+    let o = output(homerelay(&[
+        "run",
+        "--listen",
+        "0.0.0.0:0",
+        "--token-file",
+        file.to_str().expect("utf-8 path"),
+        "--no-metrics",
+    ]))
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "api.tls: a bearer token on 0.0.0.0:0, which is not a loopback address, needs TLS: \
+             plain HTTP/2 would carry the token in clear"
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A running daemon: its log lines arrive on a channel.
+struct LoggedDaemon {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl LoggedDaemon {
+    fn start(args: &[&str]) -> LoggedDaemon {
+        let mut child = homerelay(args)
+            .env("HOMERELAY_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start homerelay run");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        LoggedDaemon {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The first log line containing `needle` (within [`WAIT`] per line).
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let Ok(line) = self.lines.recv_timeout(WAIT) else {
+                let _ = self.child.kill();
+                panic!("no log line with {needle:?}:\n{}", self.log.join("\n"));
+            };
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signals the child this test started, by its pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0);
+    }
+}
+
+/// SIGHUP to a real `homerelay run`: the token file is read again; the old token is refused,
+/// the new one accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_token_of_a_running_daemon() {
+    let dir = temp_dir("sighup");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN_A).expect("write");
+    let config = dir.join("homerelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nrequire_auth = true\ntoken_file = {:?}\n",
+            token_file.to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("write config");
+    let mut daemon = LoggedDaemon::start(&[
+        "run",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--ports",
+        "42380-42389",
+        "--workers",
+        "1",
+        "--no-metrics",
+        "--store",
+        dir.join("homerelay.db").to_str().expect("utf-8 path"),
+    ]);
+    let line = daemon.wait_for("gRPC API on ");
+    let addr = line
+        .split("gRPC API on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address")
+        .to_owned();
+    let url = format!("http://{addr}");
+    let pool = |token: &str| {
+        let mut c = homerelay(&["pool", "--server", &url]);
+        c.env("HOMERELAY_TOKEN", token);
+        output(c)
+    };
+    stdout(&pool(TOKEN_A).await);
+
+    std::fs::write(&token_file, TOKEN_B).expect("rewrite");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("reloaded the API credentials");
+    let o = pool(TOKEN_A).await;
+    assert!(!o.status.success(), "token A must be refused after SIGHUP");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("invalid bearer token"), "{err}");
+    stdout(&pool(TOKEN_B).await);
+
+    // A broken file: the daemon says why and keeps B.
+    std::fs::write(&token_file, "short").expect("rewrite");
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.wait_for("kept the API credentials in force");
+    assert!(line.contains("api.token_file"), "{line}");
+    stdout(&pool(TOKEN_B).await);
+
+    // Open health and channel Watch streams must not hold SIGTERM.
+    let channel = within(
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("url")
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    within(health.message())
+        .await
+        .expect("health status")
+        .expect("a first status");
+    let mut events = proto::v1::channel_service_client::ChannelServiceClient::with_interceptor(
+        channel,
+        |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {TOKEN_B}").parse().expect("ascii"),
+            );
+            Ok(r)
+        },
+    )
+    .watch(proto::v1::WatchRequest::default())
+    .await
+    .expect("watch")
+    .into_inner();
+
+    daemon.signal(libc::SIGTERM);
+    let mut child = daemon.child;
+    let status = within(tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        daemon.log.join("\n")
+    );
+    while let Ok(Some(_)) = within(health.message()).await {}
+    while let Ok(Some(_)) = within(events.message()).await {}
+    let _ = std::fs::remove_dir_all(&dir);
 }

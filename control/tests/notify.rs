@@ -56,6 +56,8 @@ fn run_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
             "42400-42419",
             "--workers",
             "1",
+            "--store",
+            dir.0.join("homerelay.db").to_str().expect("utf-8 path"),
         ])
         .env_remove("HOMERELAY_CONFIG")
         .env_remove("WATCHDOG_PID")

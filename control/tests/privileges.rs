@@ -115,6 +115,18 @@ impl Daemon {
     fn log(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
     }
+
+    /// Waits (up to `WAIT`) until the log, read by another thread, holds `needle`.
+    fn log_contains(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.log().contains(needle) {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
 }
 
 impl Drop for Daemon {
@@ -501,7 +513,7 @@ fn the_daemon_relays_through_xdp_with_only_the_units_privileges() {
         "effective capabilities are the unit's"
     );
     assert!(
-        daemon.log().contains("XDP fast path + user space"),
+        daemon.log_contains("XDP fast path + user space"),
         "{}",
         daemon.log()
     );

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use control::config::{Config, LayoutName};
 use control::daemon::DaemonBuilder;
-use control::server::{self, Security};
+use control::server::{self, Credentials, Limits, Security};
 use control::service::Service;
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
@@ -36,6 +36,9 @@ pub struct Setup {
     pub upstream_kbps: Option<u32>,
     pub media_timeout: Duration,
     pub security: Security,
+    /// Live credentials (e.g. read from files, to reload); `None`: from `security`.
+    pub credentials: Option<Credentials>,
+    pub limits: Limits,
 }
 
 impl Setup {
@@ -48,6 +51,8 @@ impl Setup {
             upstream_kbps: None,
             media_timeout: Duration::from_secs(60),
             security: Security::default(),
+            credentials: None,
+            limits: Limits::default(),
         }
     }
 
@@ -91,10 +96,15 @@ impl TestServer {
             .expect("bind the API on loopback");
         let addr = listener.local_addr().expect("address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(
+        let credentials = match setup.credentials.clone() {
+            Some(c) => c,
+            None => Credentials::new(&setup.security).expect("valid test credentials"),
+        };
+        let task = tokio::spawn(server::serve_with(
             listener,
             service.clone(),
-            setup.security.clone(),
+            credentials,
+            setup.limits.clone(),
             async move {
                 let _ = stopped.await;
             },
