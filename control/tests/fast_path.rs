@@ -74,20 +74,8 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     require_root();
     let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
     let pin = PinDir(format!("/sys/fs/bpf/homerelay-control-test-{}", std::process::id()).into());
-    let pin_dir = pin.0.clone();
     let state = tempfile::tempdir().expect("state directory");
-    let mut config = control::config::Config::default();
-    config.relay.layout = Some(LayoutName::Custom);
-    config.relay.ports = Some("30528-30547".into());
-    config.relay.capacity = Some(10);
-    config.relay.workers = 1;
-    config.relay.internet_address = Some(netns::RELAY_HOME_ADDR);
-    config.relay.lan_address = Some(netns::RELAY_OFFICE_ADDR);
-    config.xdp.interfaces = vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()];
-    config.xdp.mode = XdpMode::Generic;
-    config.xdp.pin_dir = pin_dir;
-    config.xdp.require = true;
-    config.store.path = state.path().join("homerelay.db");
+    let config = testbed_config(&pin.0, state.path());
     // The relay's sockets and XDP attachments live in the relay namespace.
     let daemon = DaemonBuilder::new(config)
         .seed(3)
@@ -177,6 +165,183 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     drop(service);
     let relay = Arc::try_unwrap(relay).expect("the service let go of the relay");
     drop(relay);
+    drop(pin);
+    drop(tb);
+}
+
+/// The daemon's configuration for the testbed: XDP (generic) on the relay's two links.
+fn testbed_config(pin_dir: &std::path::Path, state: &std::path::Path) -> control::config::Config {
+    let mut config = control::config::Config::default();
+    config.relay.layout = Some(LayoutName::Custom);
+    config.relay.ports = Some("30528-30547".into());
+    config.relay.capacity = Some(10);
+    config.relay.workers = 1;
+    config.relay.internet_address = Some(netns::RELAY_HOME_ADDR);
+    config.relay.lan_address = Some(netns::RELAY_OFFICE_ADDR);
+    config.xdp.interfaces = vec![netns::RELAY_IF_HOME.into(), netns::RELAY_IF_OFFICE.into()];
+    config.xdp.mode = XdpMode::Generic;
+    config.xdp.pin_dir = pin_dir.to_owned();
+    config.xdp.require = true;
+    config.store.path = state.join("homerelay.db");
+    config
+}
+
+fn forwarded_by_xdp(relay: &Relay) -> u64 {
+    relay
+        .xdp()
+        .expect("fast path running")
+        .counters()
+        .expect("counters")
+        .iter()
+        .filter(|(c, _)| c.is_forwarded())
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// A restart keeps the call: the daemon stops keeping its channels (pinned maps + state
+/// database), a new one takes the channel over from the pinned maps with its latched source,
+/// the same id and port, and the fast path forwards its media at once, without a new latch.
+/// A channel in the pinned maps that no record explains is removed; ids stay unique.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_path() {
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let pin = PinDir(
+        format!(
+            "/sys/fs/bpf/homerelay-control-restart-{}",
+            std::process::id()
+        )
+        .into(),
+    );
+    let state = tempfile::tempdir().expect("state directory");
+    let config = testbed_config(&pin.0, state.path());
+
+    let home_addr: SocketAddr = (netns::HOME_ADDR, 5004).into();
+    let office_addr: SocketAddr = (netns::OFFICE_ADDR, 6000).into();
+    let home = tb.run_in(Host::Home, move || {
+        UdpSocket::bind(home_addr).expect("bind home")
+    });
+    let office = tb.run_in(Host::Office, move || {
+        UdpSocket::bind(office_addr).expect("bind office")
+    });
+    let spec = |office: SocketAddr| ChannelSpec {
+        legs: [
+            LegSpec::default(),
+            LegSpec {
+                rtp: Some(office),
+                strict: true,
+                ..LegSpec::default()
+            },
+        ],
+        ..ChannelSpec::default()
+    };
+
+    // First run: a latched call in the fast path, and a second channel.
+    let first = DaemonBuilder::new(config.clone())
+        .seed(5)
+        .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .build()
+        .expect("first daemon");
+    let service = first.service;
+    let mut watcher = service.watch();
+    let (call, _) = service
+        .allocate(
+            Request::new("kept-call", "t", Kind::SystemDevice),
+            spec(office_addr),
+        )
+        .await
+        .expect("allocate");
+    let (stray, _) = service
+        .allocate(
+            Request::new("stray-call", "t", Kind::SystemDevice),
+            spec((netns::OFFICE_ADDR, 6002).into()),
+        )
+        .await
+        .expect("allocate");
+    let port = call.port();
+    let relay_home: SocketAddr = (netns::RELAY_HOME_ADDR, port).into();
+    let relay_office: SocketAddr = (netns::RELAY_OFFICE_ADDR, port).into();
+    relay_through(&home, relay_home, &office, relay_office, 3).await;
+    loop {
+        let e = next_event(&mut watcher).await;
+        if e.kind == EventKind::FastPath && e.channel.port() == port {
+            break;
+        }
+    }
+    let instance = service.pool().await.expect("pool").instance.id;
+    service.shutdown_keeping_channels().await;
+    drop(service);
+    let relay = Arc::try_unwrap(first.relay.expect("relay")).expect("the service let go");
+    drop(relay);
+
+    // Between the runs the stray channel's record goes (as if its release was the last
+    // thing written): the next run must remove it from the pinned maps.
+    {
+        let mut store = relay_store::Store::open(&config.store.path).expect("the store is free");
+        store
+            .apply(&[relay_store::ChannelOp::Delete {
+                addr_index: 0,
+                port: stray.port(),
+            }])
+            .expect("delete");
+    }
+
+    // Second run on the same pin directory and state database.
+    let second = DaemonBuilder::new(config.clone())
+        .seed(6)
+        .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .build()
+        .expect("second daemon");
+    let service = second.service;
+    let relay = second.relay.expect("relay");
+    let pool = service.pool().await.expect("pool");
+    assert_ne!(pool.instance.id, instance, "a new instance");
+    assert_eq!(pool.instance.adopted, 1);
+    assert_eq!(pool.status.in_use, 1);
+    assert!(
+        relay.inherited().is_empty(),
+        "every inherited channel was decided"
+    );
+    assert!(
+        relay_user::DataPath::channel(relay.xdp().expect("xdp"), stray.port()).is_err(),
+        "the channel no record explains left the fast path"
+    );
+    let kept = service
+        .get(control::service::ChannelRef::Port(port))
+        .await
+        .expect("the call's channel is kept");
+    assert_eq!(kept.info.id, call.info.id);
+    assert_eq!(kept.info.call_id, "kept-call");
+    assert_eq!(kept.state, ChannelState::FastPath, "{kept:?}");
+    assert_eq!(
+        kept.channel.legs[LEG_A].rtp.socket_addr(),
+        Some(home_addr),
+        "the latched source is kept"
+    );
+
+    // The media goes on through XDP, both ways, without a new latch.
+    let before = forwarded_by_xdp(&relay);
+    relay_through(&office, relay_office, &home, relay_home, 20).await;
+    relay_through(&home, relay_home, &office, relay_office, 20).await;
+    assert!(
+        forwarded_by_xdp(&relay) - before >= 40,
+        "the fast path forwards the kept call"
+    );
+    let (next, _) = service
+        .allocate(
+            Request::new("new-call", "t", Kind::SystemDevice),
+            spec((netns::OFFICE_ADDR, 6004).into()),
+        )
+        .await
+        .expect("allocate");
+    assert!(
+        next.info.id > call.info.id && next.info.id > stray.info.id,
+        "ids are never reused"
+    );
+
+    service.shutdown().await;
+    drop(service);
+    drop(Arc::try_unwrap(relay).expect("the service let go of the relay"));
     drop(pin);
     drop(tb);
 }
