@@ -316,6 +316,10 @@ struct Owner {
     metrics: Metrics,
     /// This run, for the pool status.
     instance: Instance,
+    /// The queue every front end and the data path feed.
+    rx: std::sync::mpsc::Receiver<Msg>,
+    /// Messages taken from `rx` but not handled yet (see `take_data_path_events`).
+    deferred: std::collections::VecDeque<Msg>,
     /// The crash-safe record of live channels, written before the data path changes; `None`:
     /// channels are not persisted (a restart ends the calls).
     store: Option<Store>,
@@ -484,11 +488,13 @@ impl Service {
             metrics: metrics.clone(),
             instance,
             store,
+            rx,
+            deferred: std::collections::VecDeque::new(),
         };
         owner.restore()?;
         let thread = std::thread::Builder::new()
             .name("channel-owner".into())
-            .spawn(move || owner.run(rx))
+            .spawn(move || owner.run())
             .map_err(|e| {
                 ServiceError::Internal(format!("starting the channel owner thread: {e}"))
             })?;
@@ -662,27 +668,32 @@ const BATCH: usize = 256;
 impl Owner {
     /// The owner's loop: messages as they come, idle deadlines and data-path diffs when due.
     /// Ends after `Shutdown`, or when every [`Service`] handle is gone.
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>) {
+    fn run(mut self) {
         loop {
-            let first = match self.due.first() {
-                None => rx.recv().ok(),
-                Some(&(at, _)) => {
-                    match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+            let first = if let Some(m) = self.deferred.pop_front() {
+                Some(m)
+            } else {
+                match self.due.first() {
+                    None => match self.rx.recv() {
                         Ok(m) => Some(m),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        // Every sender is gone.
+                        Err(_) => return,
+                    },
+                    Some(&(at, _)) => {
+                        match self
+                            .rx
+                            .recv_timeout(at.saturating_duration_since(Instant::now()))
+                        {
+                            Ok(m) => Some(m),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
                     }
                 }
             };
-            if first.is_none() && self.due.is_empty() {
-                // `recv` failed: every sender is gone.
-                return;
-            }
-            let batch = first
-                .into_iter()
-                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
-                .take(BATCH);
-            for msg in batch {
+            let mut next = first;
+            let mut handled = 0;
+            while let Some(msg) = next {
                 if let Msg::Shutdown { release, reply } = msg {
                     let released = if release { self.release_all() } else { 0 };
                     let _ = reply.send(released);
@@ -690,6 +701,14 @@ impl Owner {
                     return;
                 }
                 self.handle(msg);
+                handled += 1;
+                if handled == BATCH {
+                    break;
+                }
+                next = self
+                    .deferred
+                    .pop_front()
+                    .or_else(|| self.rx.try_recv().ok());
             }
             if self
                 .due
@@ -699,6 +718,24 @@ impl Owner {
                 self.sweep();
             }
         }
+    }
+
+    /// Handles the data-path events queued so far, ahead of the requests queued with them
+    /// (those wait in `deferred`, in order). Called right after a channel leaves the data path:
+    /// the data path reports a latch it had not reported yet at the removal, and it must reach
+    /// the watchers before the channel's `Released`.
+    fn take_data_path_events(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.deferred.push_back(m);
+        }
+        let mut rest = std::collections::VecDeque::with_capacity(self.deferred.len());
+        for m in std::mem::take(&mut self.deferred) {
+            match m {
+                Msg::DataPath(e) => self.on_data_path(e),
+                other => rest.push_back(other),
+            }
+        }
+        self.deferred = rest;
     }
 
     /// Takes over what the previous run left: each stored channel is restored in the
@@ -1200,6 +1237,7 @@ impl Owner {
             // The channel stays allocated and installed: the client may retry.
             Err(e) => return Err(e.into()),
         }
+        self.take_data_path_events();
         self.allocator.release(slot(port), clock.instant())?;
         self.forget(port);
         Ok(view)
@@ -1251,6 +1289,7 @@ impl Owner {
                     log::warn!("removing idle channel {port} from the data path: {e}");
                 }
             }
+            self.take_data_path_events();
             self.forget(port);
             self.metrics.released(ReleaseReason::IdleTimeout);
             tracing::info!(

@@ -121,9 +121,38 @@ struct Table {
     last_generation: u64,
     /// Current generation of every installed channel, by even port.
     ports: HashMap<u16, u64>,
+    /// Per installed channel, the sources known to the sink: given latched by the caller, or
+    /// reported in a `Latched` event ([leg][RTP, RTCP]). A removal reports what user space
+    /// latched beyond these, so no latch goes unreported because the pusher had not got to it.
+    reported: HashMap<u16, Latched>,
     /// Channels found in the pinned maps at start, neither adopted nor removed yet. The fast
     /// path keeps forwarding them meanwhile; user space does not know them.
     inherited: BTreeMap<u16, Channel>,
+}
+
+/// The latched sources of a channel, [leg][RTP, RTCP].
+type Latched = [[Option<SocketAddr>; 2]; 2];
+
+fn latched(ch: &Channel) -> Latched {
+    let ep = |e: relay_common::Endpoint| {
+        if e.is_latched() {
+            e.socket_addr()
+        } else {
+            None
+        }
+    };
+    [
+        [ep(ch.legs[0].rtp), ep(ch.legs[0].rtcp)],
+        [ep(ch.legs[1].rtp), ep(ch.legs[1].rtcp)],
+    ]
+}
+
+fn component(c: usize) -> Component {
+    if c == 0 {
+        Component::Rtp
+    } else {
+        Component::Rtcp
+    }
 }
 
 impl Table {
@@ -181,6 +210,7 @@ impl Core {
     /// An update of the live channel on `port`; the table lock is held by the caller.
     fn update_locked(
         &self,
+        table: &mut Table,
         port: u16,
         generation: u64,
         channel: &Channel,
@@ -189,13 +219,22 @@ impl Core {
         let installed = self
             .userspace
             .install_with(port, channel, replace, generation)?;
+        // Replaced legs start from what the caller gave; kept legs keep what was reported
+        // (a latch of theirs still on its way to the pusher is reported by it).
+        let given = latched(&installed);
+        let r = table.reported.entry(port).or_default();
+        for (leg, replaced) in replace.into_iter().enumerate() {
+            if replaced {
+                r[leg] = given[leg];
+            }
+        }
         self.push(port, generation, &installed, false);
         Ok(installed)
     }
 
     /// The fast-path pusher's handling of one latch.
     fn on_latch(&self, n: &LatchNotice) {
-        let table = self.lock();
+        let mut table = self.lock();
         if table.ports.get(&n.port) != Some(&n.generation) {
             // Removed, or replaced by a new channel, since the worker latched.
             return;
@@ -224,13 +263,12 @@ impl Core {
                     port: n.port,
                     generation: n.generation,
                     leg,
-                    component: if c == 0 {
-                        Component::Rtp
-                    } else {
-                        Component::Rtcp
-                    },
+                    component: component(c),
                     addr,
                 });
+                if let Some(r) = table.reported.get_mut(&n.port) {
+                    r[leg][c] = Some(addr);
+                }
             }
         }
         self.push(n.port, n.generation, &current, false);
@@ -419,6 +457,7 @@ impl Relay {
             .install_with(port, &ch, [true; 2], generation)?;
         table.inherited.remove(&port);
         table.ports.insert(port, generation);
+        table.reported.insert(port, latched(&installed));
         if forwardable(&installed) {
             core.emit(DataPathEvent::FastPath { port, generation });
         }
@@ -439,7 +478,7 @@ impl Relay {
         let core = &self.core;
         let mut table = core.lock();
         if let Some(&generation) = table.ports.get(&port) {
-            core.update_locked(port, generation, channel, [true; 2])?;
+            core.update_locked(&mut table, port, generation, channel, [true; 2])?;
             return Ok(generation);
         }
         if table.inherited.remove(&port).is_some()
@@ -453,6 +492,7 @@ impl Relay {
             .userspace
             .install_with(port, channel, [true; 2], generation)?;
         table.ports.insert(port, generation);
+        table.reported.insert(port, latched(&installed));
         core.push(port, generation, &installed, true);
         Ok(generation)
     }
@@ -470,12 +510,12 @@ impl Relay {
         replace: [bool; 2],
     ) -> Result<Channel, DataPathError> {
         let core = &self.core;
-        let table = core.lock();
+        let mut table = core.lock();
         let generation = *table
             .ports
             .get(&port)
             .ok_or(DataPathError::NotFound(port))?;
-        let installed = core.update_locked(port, generation, channel, replace);
+        let installed = core.update_locked(&mut table, port, generation, channel, replace);
         drop(table);
         installed
     }
@@ -506,6 +546,30 @@ impl DataPath for Relay {
         if !inherited && generation.is_none() {
             return Err(DataPathError::NotFound(port));
         }
+        let reported = table.reported.remove(&port);
+        if let (Some(generation), Some(reported)) = (generation, reported) {
+            // A latch whose notice the pusher has not handled yet (it waits for this lock,
+            // and will find the generation gone) happened all the same: report it now, before
+            // the removal, so every latch of a channel reaches the sink exactly once.
+            if let Ok(last) = core.userspace.channel(port) {
+                let now = latched(&last);
+                for leg in 0..2 {
+                    for c in 0..2 {
+                        if let Some(addr) = now[leg][c]
+                            && reported[leg][c] != Some(addr)
+                        {
+                            core.emit(DataPathEvent::Latched {
+                                port,
+                                generation,
+                                leg,
+                                component: component(c),
+                                addr,
+                            });
+                        }
+                    }
+                }
+            }
+        }
         if let Some(xdp) = &core.xdp {
             match xdp.remove(port) {
                 Ok(()) | Err(DataPathError::NotFound(_)) => {}
@@ -520,6 +584,9 @@ impl DataPath for Relay {
             Err(e) => {
                 // Still bound in user space: keep it known so the caller can retry.
                 table.ports.insert(port, generation);
+                if let Ok(last) = core.userspace.channel(port) {
+                    table.reported.insert(port, latched(&last));
+                }
                 Err(e)
             }
         }

@@ -749,14 +749,17 @@ impl Worker {
                     }
                 };
                 if latched {
-                    // Forward first (the packet that taught us the address), then publish.
-                    flush_tx(fd, batch, st, tally, now);
-                    tally.latched += 1;
-                    tally.flush(counters);
+                    // The learnt source is visible to readers before the packet that taught
+                    // it leaves (whoever sees the packet relayed sees the latch), while the
+                    // fast path hears of it only after that packet left, so it cannot
+                    // overtake it.
                     *st.shared
                         .channel
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = st.channel;
+                    flush_tx(fd, batch, st, tally, now);
+                    tally.latched += 1;
+                    tally.flush(counters);
                     if let Some(obs) = observer.as_ref() {
                         obs(&LatchNotice {
                             port: st.port,
