@@ -146,16 +146,18 @@ impl Maps {
 /// one per latched IPv4 endpoint of a leg with an IPv4 relay address to send from.
 pub fn next_hop_keys(ch: &Channel) -> impl Iterator<Item = NextHopKey> + '_ {
     ch.legs.iter().flat_map(|leg| {
-        [leg.rtp, leg.rtcp].into_iter().filter_map(move |ep| {
-            (ep.is_latched()
-                && ep.addr.is_ipv4()
-                && leg.local_addr.is_ipv4()
-                && !leg.local_addr.is_unspecified())
-            .then(|| NextHopKey {
+        [leg.rtp, leg.rtcp]
+            .into_iter()
+            .filter(move |ep| {
+                ep.is_latched()
+                    && ep.addr.is_ipv4()
+                    && leg.local_addr.is_ipv4()
+                    && !leg.local_addr.is_unspecified()
+            })
+            .map(move |ep| NextHopKey {
                 saddr: leg.local_addr.ipv4_raw(),
                 daddr: ep.addr.ipv4_raw(),
             })
-        })
     })
 }
 
