@@ -179,6 +179,9 @@ pub fn run(tb: &Testbed, spec: &RunSpec) -> anyhow::Result<RunResult> {
         bail!("interrupted");
     }
     let uses_relay = spec.mode != Mode::None;
+    // The "no relay" baseline is plain kernel forwarding through Relay; every relay mode runs
+    // with forwarding off, as on a stock host.
+    tb.set_forwarding(Host::Relay, !uses_relay)?;
     let scenario = Scenario::build(
         spec.profile,
         uses_relay,

@@ -62,6 +62,7 @@ pub mod names {
     pub const CHANNEL_EVENTS: &str = "homerelay_channel_events_total";
     pub const FAST_PATH_UP: &str = "homerelay_fast_path_up";
     pub const FAST_PATH_CONFIGURED: &str = "homerelay_fast_path_configured";
+    pub const FAST_PATH_DEGRADED: &str = "homerelay_fast_path_degraded";
     pub const PACKETS: &str = "homerelay_packets_total";
     pub const BYTES: &str = "homerelay_bytes_total";
     pub const DROPPED: &str = "homerelay_dropped_packets_total";
@@ -149,6 +150,13 @@ const METRICS: &[(&str, Type, &str)] = &[
         FAST_PATH_CONFIGURED,
         Type::Gauge,
         "1 if XDP interfaces are configured (the fast path should be up), else 0.",
+    ),
+    (
+        FAST_PATH_DEGRADED,
+        Type::Gauge,
+        "1 while the XDP fast path runs but cannot forward some installed channels itself (a \
+         destination without a route or a resolved neighbour, an egress it cannot use), so user \
+         space carries their packets; else 0. The log names the destinations and why.",
     ),
     (
         PACKETS,
@@ -577,6 +585,8 @@ impl Metrics {
             .set(u8::from(fast_path_configured));
         r.gauge(FAST_PATH_UP, &[])
             .set(u8::from(pool.fast_path_unavailable.is_none()));
+        r.gauge(FAST_PATH_DEGRADED, &[])
+            .set(u8::from(source.is_some_and(|s| s.fast_path_degraded())));
         let Some(source) = source else { return };
         r.userspace(&source.userspace_counters());
         match source.xdp_counters() {
@@ -642,6 +652,11 @@ pub trait CounterSource: Send + Sync {
     fn userspace_counters(&self) -> UserspaceCounters;
     /// The fast path's counters; `None` when it does not run.
     fn xdp_counters(&self) -> Option<anyhow::Result<Vec<(XdpCounter, u64)>>>;
+    /// Whether the fast path runs but cannot forward some installed channels itself (next
+    /// hops unresolved): see [`relay_user::xdp::XdpDataPath::unresolved`].
+    fn fast_path_degraded(&self) -> bool {
+        false
+    }
 }
 
 impl CounterSource for Relay {
@@ -651,6 +666,10 @@ impl CounterSource for Relay {
 
     fn xdp_counters(&self) -> Option<anyhow::Result<Vec<(XdpCounter, u64)>>> {
         self.xdp().map(|x| x.counters())
+    }
+
+    fn fast_path_degraded(&self) -> bool {
+        self.xdp().is_some_and(|x| !x.unresolved().is_empty()) || self.fast_path_waiting() > 0
     }
 }
 

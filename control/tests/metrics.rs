@@ -569,7 +569,7 @@ fn the_prometheus_config_and_alert_rules_pass_promtool() {
     let dir = deploy_dir().join("prometheus");
     run_promtool(&["check", "config", "prometheus.yml"], None, &dir);
     let out = run_promtool(&["check", "rules", "alerts.yml"], None, &dir);
-    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
     // Each alert quiet on a healthy relay and firing on its condition.
     run_promtool(&["test", "rules", "alerts.test.yml"], None, &dir);
     let tests = std::fs::read_to_string(dir.join("alerts.test.yml")).expect("alerts.test.yml");
@@ -649,6 +649,7 @@ async fn the_dashboard_and_the_alerts_use_only_exported_metrics() {
         names::PACKETS,
         names::DROPPED,
         names::XDP_PASSED,
+        names::FAST_PATH_DEGRADED,
         "homerelay_grpc_request_duration_seconds_bucket",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");

@@ -35,6 +35,9 @@ pub const COUNTERS_MAP: &str = "HR_COUNTERS";
 pub const CONFIG_MAP: &str = "HR_CONFIG";
 /// Name of the egress device map (`DevMapHash`, ifindex → ifindex) used for `XDP_REDIRECT`.
 pub const EGRESS_MAP: &str = "HR_EGRESS";
+/// Name of the next-hop map (`HashMap<NextHopKey, Neighbour>`), written by user space from the
+/// kernel's routing and neighbour tables: the fast path's only source of next hops.
+pub const NEXTHOPS_MAP: &str = "HR_NEXTHOPS";
 /// Name of the XDP program in the object file.
 pub const XDP_PROGRAM: &str = "homerelay_xdp";
 
@@ -51,6 +54,10 @@ pub const fn channel_index(port: u16) -> u32 {
 }
 /// Capacity of [`EGRESS_MAP`]: interfaces the fast path may redirect to.
 pub const MAX_EGRESS_INTERFACES: u32 = 64;
+
+/// Capacity of [`NEXTHOPS_MAP`]: one entry per (relay address, destination) pair, at most two
+/// destinations per channel.
+pub const MAX_NEXTHOPS: u32 = 2 * MAX_CHANNELS;
 
 /// A 16-bit value stored in network byte order.
 #[repr(transparent)]
@@ -355,12 +362,13 @@ pub struct ChannelStats {
     pub from_leg: [DirectionStats; 2],
 }
 
-/// A cached `bpf_fib_lookup` result for one direction of a channel.
+/// A cached [`NEXTHOPS_MAP`] entry for one direction of a channel.
 ///
 /// Valid while `generation` equals [`RelayConfig::fib_generation`] and the addresses match the
-/// packet being sent; user space bumps the generation periodically (and the cache then refills
-/// from the FIB on the next packet), so a changed route or neighbour is picked up within one
-/// period. Only results whose egress passed the checks are cached.
+/// packet being sent; user space bumps the generation every time it has refreshed the next-hop
+/// map (and the cache then refills from the map on the next packet), so a changed route or
+/// neighbour is picked up within one period. Only entries whose egress passed the checks are
+/// cached.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct NextHop {
@@ -372,6 +380,31 @@ pub struct NextHop {
     pub daddr: u32,
     /// [`RelayConfig::fib_generation`] at lookup time; 0 = empty.
     pub generation: u32,
+}
+
+/// Key of [`NEXTHOPS_MAP`]: the relay address a packet is sent from and its destination (raw
+/// IPv4, network order), as a rewritten packet carries them.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
+pub struct NextHopKey {
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// A resolved next hop (a [`NEXTHOPS_MAP`] value): what the kernel would use to send from
+/// `saddr` to `daddr` — egress interface, its MAC and MTU, and the MAC of the gateway (or of
+/// the destination on a directly connected subnet). Present only when the neighbour is
+/// resolved; a missing entry sends the packet up to user space.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct Neighbour {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// MTU of the egress interface; larger packets go up (the stack fragments or refuses).
+    pub mtu: u16,
+    /// Must be zero.
+    pub reserved: [u8; 2],
 }
 
 /// The fast path's state of one channel (a [`CHANNEL_STATS_MAP`] value).
@@ -433,9 +466,10 @@ pub enum Counter {
     PassUnknownSource,
     /// Passed up: the destination leg is not latched yet.
     PassDestinationUnlatched,
-    /// Passed up: no neighbour entry for the next hop yet (the kernel resolves it).
+    /// Passed up: no resolved next hop for the destination in [`NEXTHOPS_MAP`] (no route, or
+    /// the neighbour not resolved yet: the kernel resolves it as user space sends).
     PassNoNeighbour,
-    /// Passed up: the FIB lookup failed (no route, blackhole, forwarding disabled...).
+    /// Passed up: the packet is larger than the egress interface's MTU.
     PassFibFailed,
     /// Passed up: the egress interface is not in [`EGRESS_MAP`] or differs from the leg's.
     PassEgressUnavailable,
@@ -518,6 +552,8 @@ const _: () = assert!(size_of::<ChannelStats>() == 160);
 const _: () = assert!(size_of::<NextHop>() == 28);
 const _: () = assert!(size_of::<ChannelState>() == 216);
 const _: () = assert!(size_of::<RelayConfig>() == 12);
+const _: () = assert!(size_of::<NextHopKey>() == 8);
+const _: () = assert!(size_of::<Neighbour>() == 20);
 
 #[cfg(feature = "user")]
 mod user;

@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
     Addr16, Be16, Channel, ChannelKey, ChannelState, ChannelStats, DEFAULT_CLOCK_RATE,
-    DirectionStats, ENDPOINT_LATCHED, Endpoint, Leg, NextHop, RelayConfig, RtpState,
+    DirectionStats, ENDPOINT_LATCHED, Endpoint, Leg, Neighbour, NextHop, NextHopKey, RelayConfig,
+    RtpState,
 };
 
 // SAFETY: every type below is `#[repr(C)]`, `Copy`, made only of integers, has no implicit
@@ -17,6 +18,10 @@ unsafe impl aya::Pod for Channel {}
 unsafe impl aya::Pod for ChannelState {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NextHop {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NextHopKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Neighbour {}
 // SAFETY: as above.
 unsafe impl aya::Pod for ChannelStats {}
 // SAFETY: as above.

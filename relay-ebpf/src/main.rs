@@ -2,7 +2,8 @@
 //!
 //! For an IPv4/UDP packet to a relay port whose channel is installed, from a *latched* endpoint
 //! of one leg, to a *latched* endpoint of the other leg: rewrite addresses and ports, take the
-//! next-hop MACs from the kernel FIB (`bpf_fib_lookup`, never a MAC swap), update the IPv4 and
+//! next-hop MACs from the next-hop map user space keeps from the kernel's routing and neighbour
+//! tables (never a MAC swap), update the IPv4 and
 //! UDP checksums incrementally (RFC 1624; a zero UDP checksum stays zero), and send it with
 //! `XDP_TX` (egress = ingress) or `XDP_REDIRECT` through the egress device map.
 //!
@@ -11,7 +12,7 @@
 //! version 2 header); other packets count packets and bytes only.
 //!
 //! Invariant: **this program fails open.** Everything it does not forward — unknown port or
-//! source, unlatched leg, fragment, IP options, non-UDP, IPv6, truncated headers, FIB trouble —
+//! source, unlatched leg, fragment, IP options, non-UDP, IPv6, truncated headers, no resolved next hop —
 //! goes up the stack with `XDP_PASS`, where the user-space relay applies the full rule
 //! (`relay_user::forward::decide`). Every packet is counted once in `HR_COUNTERS` by reason.
 #![no_std]
@@ -27,11 +28,8 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action,
-    },
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    bindings::xdp_action,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
@@ -39,8 +37,8 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
 use relay_common::{
     CHANNEL_USERSPACE_ONLY, COUNTER_COUNT, Channel, ChannelKey, ChannelState, Counter, Endpoint,
-    Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, NextHop, RelayConfig, channel_index,
-    quality::RtpHeader,
+    Leg, MAX_CHANNELS, MAX_EGRESS_INTERFACES, MAX_NEXTHOPS, Neighbour, NextHop, NextHopKey,
+    RelayConfig, channel_index, quality::RtpHeader,
 };
 
 #[map]
@@ -53,10 +51,11 @@ static HR_CONFIG: Array<RelayConfig> = Array::pinned(1, 0);
 static HR_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
 static HR_EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS_INTERFACES, 0);
+#[map]
+static HR_NEXTHOPS: HashMap<NextHopKey, Neighbour> = HashMap::pinned(MAX_NEXTHOPS, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_UDP: u8 = 17;
-const AF_INET: u8 = 2;
 /// IPv4 flags/fragment-offset field: "more fragments" bit and the offset (RFC 791 §3.1).
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
 
@@ -168,7 +167,6 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     if frags & IP_MF_AND_OFFSET != 0 {
         return Err(Counter::PassFragment);
     }
-    let tot_len_raw = tot_len;
     let tot_len = u16::from_be_bytes(tot_len);
     let udp: *mut UdpHdr = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
     // SAFETY: `ptr_at` checked that the 8-byte UDP header lies inside the packet.
@@ -229,23 +227,14 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let new_sport = (to_leg.local_port.get().wrapping_add(u16::from(rtcp))).to_be();
     let new_dport = to.port.raw();
 
-    // SAFETY: inside the checked IPv4 header.
-    let tos = unsafe { (*ip).tos };
     let state = HR_CHAN_STATE
         .get_ptr_mut(channel_index(dport))
         .ok_or(Counter::PassNoChannel)?;
-    let hop = Route {
-        saddr: new_saddr,
-        daddr: new_daddr,
-        sport: new_sport,
-        dport: new_dport,
-        tot_len: tot_len_raw,
-        tos,
-    };
     // SAFETY: `state` comes from a successful array lookup and is valid for this run; the
     // direction index is 0 or 1.
     let cache = unsafe { &raw mut (*state).nexthop[(1 - from) & 1] };
-    let (dmac, smac, out_if) = next_hop(ctx, cache, config.fib_generation, &hop)?;
+    let (dmac, smac, out_if) =
+        next_hop(cache, config.fib_generation, new_saddr, new_daddr, tot_len)?;
     if to_leg.ifindex != 0 && to_leg.ifindex != out_if {
         return Err(Counter::PassEgressUnavailable);
     }
@@ -313,68 +302,49 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     }
 }
 
-/// What a FIB lookup needs to know about the rewritten packet.
-struct Route {
-    saddr: u32,
-    daddr: u32,
-    sport: u16,
-    dport: u16,
-    tot_len: [u8; 2],
-    tos: u8,
-}
-
-/// Next-hop MACs and egress interface for `route`: from the channel's cache when it is of the
-/// current generation and for the same addresses, else from `bpf_fib_lookup`. Only lookups
-/// whose egress interface is in the egress map are cached.
+/// Next-hop MACs and egress interface for a packet from `saddr` to `daddr` of `tot_len`
+/// bytes: from the channel's cache when it is of the current generation and for the same
+/// addresses, else from the next-hop map that user space keeps from the kernel's routing and
+/// neighbour tables. Only entries whose egress interface is in the egress map are cached.
+///
+/// The kernel's `bpf_fib_lookup` is not used: it refuses ("forwarding disabled") on a host
+/// that does not route (`net.ipv4.ip_forward=0`, the default), and the relay sends from its own
+/// addresses, which is an output route — what user space resolves (ARCHITECTURE.md).
 #[inline(always)]
 fn next_hop(
-    ctx: &XdpContext,
     cache: *mut NextHop,
     generation: u32,
-    route: &Route,
+    saddr: u32,
+    daddr: u32,
+    tot_len: u16,
 ) -> Result<([u8; 6], [u8; 6], u32), Counter> {
     // SAFETY: `cache` points into a live array value (see the caller).
     let c = unsafe { &*cache };
-    if generation != 0
-        && c.generation == generation
-        && c.daddr == route.daddr
-        && c.saddr == route.saddr
-    {
+    if generation != 0 && c.generation == generation && c.daddr == daddr && c.saddr == saddr {
         return Ok((c.dmac, c.smac, c.ifindex));
     }
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input; the fields are set below.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = route.sport;
-    fib.dport = route.dport;
-    fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(route.tot_len);
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_2.tos = route.tos;
-    fib.__bindgen_anon_3.ipv4_src = route.saddr;
-    fib.__bindgen_anon_4.ipv4_dst = route.daddr;
-    // SAFETY: `ctx.ctx` is this program's context and `fib` a live, correctly sized struct.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassNoNeighbour),
-        _ => return Err(Counter::PassFibFailed),
+    let key = NextHopKey { saddr, daddr };
+    // SAFETY: the value is copied out at once; user space waits for an RCU grace period before
+    // a write could reuse an element it replaced or deleted (relay_user::xdp).
+    let hop: Neighbour = *unsafe { HR_NEXTHOPS.get(&key) }.ok_or(Counter::PassNoNeighbour)?;
+    if hop.mtu != 0 && tot_len > hop.mtu {
+        return Err(Counter::PassFibFailed);
     }
-    if HR_EGRESS.get_ifindex(fib.ifindex).is_none() {
+    if HR_EGRESS.get_ifindex(hop.ifindex).is_none() {
         return Err(Counter::PassEgressUnavailable);
     }
     // SAFETY: as above. Two CPUs may fill the same entry at once; they write the same values
-    // unless the neighbour changed in between, and the generation is written last (volatile,
+    // unless the next hop changed in between, and the generation is written last (volatile,
     // and x86 keeps stores in order), so a reader that sees it current sees the rest filled.
     unsafe {
-        (*cache).dmac = fib.dmac;
-        (*cache).smac = fib.smac;
-        (*cache).ifindex = fib.ifindex;
-        (*cache).saddr = route.saddr;
-        (*cache).daddr = route.daddr;
+        (*cache).dmac = hop.dmac;
+        (*cache).smac = hop.smac;
+        (*cache).ifindex = hop.ifindex;
+        (*cache).saddr = saddr;
+        (*cache).daddr = daddr;
         core::ptr::write_volatile(&raw mut (*cache).generation, generation);
     }
-    Ok((fib.dmac, fib.smac, fib.ifindex))
+    Ok((hop.dmac, hop.smac, hop.ifindex))
 }
 
 /// Per-channel counters for the direction out of leg `from`, and the RTP quality when the

@@ -10,6 +10,7 @@
 pub mod datapath;
 pub mod forward;
 pub mod netns;
+pub mod nexthop;
 pub mod relay;
 pub mod userspace;
 pub mod xdp;

@@ -19,8 +19,12 @@
 //!   link: `bpf_fib_lookup` answers "no neighbour" until the kernel has resolved the next hop;
 //! - TX checksum offload off on every veth: packets from local sockets otherwise carry only a
 //!   partial UDP checksum, which an incremental checksum update turns into a wrong one;
-//! - `ip_forward=1` in Relay, so that sending Home → Office without any relay is the "no relay"
-//!   baseline (plain kernel forwarding), and `rp_filter` off everywhere.
+//! - `rp_filter` off everywhere.
+//!
+//! Relay keeps the stock `net.ipv4.ip_forward=0`: a relay host is not a router, and what works
+//! only with forwarding on does not work for users. The "no relay" baseline of the benchmark
+//! (Home → Office by plain kernel forwarding) switches it on for its own run
+//! ([`Testbed::set_forwarding`]). Nat routes (`ip_forward=1`).
 //!
 //! In the Nat namespace an nftables masquerade rewrites source ports into 40000-49999, so a
 //! socket bound to port 5004 behind the NAT reaches the relay as `198.51.100.130:4xxxx`.
@@ -78,7 +82,7 @@ pub const NAT_PORT_RANGE: (u16, u16) = (40000, 49999);
 pub enum Host {
     /// A device on the Internet side, with a public address.
     Home,
-    /// The relay: routes between all links (`ip_forward=1`).
+    /// The relay: addresses on every link, forwarding off (the stock default).
     Relay,
     /// A device on the relay's LAN.
     Office,
@@ -336,7 +340,7 @@ impl Testbed {
                     }
                 }
             }
-            if matches!(host, Host::Relay | Host::Nat) {
+            if host == Host::Nat {
                 argv.push("net.ipv4.ip_forward=1".to_owned());
             }
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -360,6 +364,13 @@ impl Testbed {
             )?;
         }
         Ok(())
+    }
+
+    /// Switches IPv4 forwarding (`net.ipv4.ip_forward`) on or off in `host`'s namespace. Only
+    /// for what is about forwarding itself (the benchmark's "no relay" baseline).
+    pub fn set_forwarding(&self, host: Host, on: bool) -> anyhow::Result<()> {
+        let arg = format!("net.ipv4.ip_forward={}", u8::from(on));
+        self.exec(host, &["sysctl", "-q", "-w", &arg]).map(|_| ())
     }
 
     /// The hosts this testbed has.

@@ -52,10 +52,12 @@ pub enum DataPathEvent {
         component: Component,
         addr: SocketAddr,
     },
-    /// The channel on `port` (generation `generation`) was written into the XDP map with both
-    /// legs' RTP endpoints latched: from now on the fast path forwards it. Sent after a latch
-    /// is pushed, and after an install, update or adoption that leaves the fast path holding
-    /// such a channel.
+    /// The channel on `port` (generation `generation`) is in the XDP map with both legs' RTP
+    /// endpoints latched, and the next hop of every latched destination is resolved: from now
+    /// on the fast path forwards it. Sent after a latch is pushed, and after an install, update
+    /// or adoption that leaves the fast path holding such a channel — or, when a next hop was
+    /// not resolved then, once the next-hop refresh has resolved it (within about one
+    /// [`crate::xdp::FIB_REFRESH`] of the kernel resolving the neighbour).
     FastPath { port: u16, generation: u64 },
 }
 
@@ -168,6 +170,9 @@ struct Core {
     xdp: Option<Arc<XdpDataPath>>,
     events: Option<DataPathEvents>,
     table: Mutex<Table>,
+    /// Channels in the fast path waiting for a next hop before `FastPath` is reported, with
+    /// their generation. Changed only with the table lock held (taken after it).
+    pending: Mutex<HashMap<u16, u64>>,
 }
 
 /// Whether the fast path forwards `ch`'s RTP: both legs' RTP endpoints latched and the channel
@@ -200,11 +205,47 @@ impl Core {
         } else {
             xdp.replace(port, ch)
         };
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.remove(&port);
         match r {
-            Ok(()) if forwardable(ch) => self.emit(DataPathEvent::FastPath { port, generation }),
+            Ok(()) if forwardable(ch) => {
+                if xdp.next_hops_ready(ch) {
+                    self.emit(DataPathEvent::FastPath { port, generation });
+                } else {
+                    log::info!(
+                        "channel {port}: in the fast path, waiting for a next hop (user space \
+                         forwards meanwhile)"
+                    );
+                    pending.insert(port, generation);
+                }
+            }
             Ok(()) => {}
             Err(e) => log::warn!("channel {port} stays in user space: {e}"),
         }
+    }
+
+    /// Reports `FastPath` for pending channels whose next hops are now resolved; forgets
+    /// those removed or replaced since.
+    fn retry_pending(&self) {
+        let Some(xdp) = &self.xdp else { return };
+        let table = self.lock();
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.retain(|&port, &mut generation| {
+            if table.ports.get(&port) != Some(&generation) {
+                return false;
+            }
+            match xdp.channel(port) {
+                Ok(ch) if forwardable(&ch) => {
+                    if xdp.next_hops_ready(&ch) {
+                        self.emit(DataPathEvent::FastPath { port, generation });
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            }
+        });
     }
 
     /// An update of the live channel on `port`; the table lock is held by the caller.
@@ -389,6 +430,7 @@ impl Relay {
             xdp,
             events: opts.events,
             table: Mutex::new(table),
+            pending: Mutex::new(HashMap::new()),
         });
         let pusher = match pusher_channel {
             None => None,
@@ -397,8 +439,22 @@ impl Relay {
                 let thread = std::thread::Builder::new()
                     .name("hr-fast-push".into())
                     .spawn(move || {
-                        while let Ok(PusherMsg::Latch(n)) = rx.recv() {
-                            c.on_latch(&n);
+                        loop {
+                            match rx.recv_timeout(crate::xdp::FIB_REFRESH / 2) {
+                                Ok(PusherMsg::Latch(n)) => c.on_latch(&n),
+                                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                                Ok(PusherMsg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                                    break;
+                                }
+                            }
+                            let waiting = !c
+                                .pending
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .is_empty();
+                            if waiting {
+                                c.retry_pending();
+                            }
                         }
                     })
                     .context("starting the fast-path pusher")?;
@@ -410,6 +466,16 @@ impl Relay {
             pusher,
             xdp_unavailable,
         })
+    }
+
+    /// Channels the fast path holds but cannot forward yet because a next hop is unresolved
+    /// (their packets go up to user space): the fast path is degraded while this is not 0.
+    pub fn fast_path_waiting(&self) -> usize {
+        self.core
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The fast path, if it is running.
@@ -459,7 +525,18 @@ impl Relay {
         table.ports.insert(port, generation);
         table.reported.insert(port, latched(&installed));
         if forwardable(&installed) {
-            core.emit(DataPathEvent::FastPath { port, generation });
+            let ready = core
+                .xdp
+                .as_ref()
+                .is_none_or(|x| x.next_hops_ready(&installed));
+            if ready {
+                core.emit(DataPathEvent::FastPath { port, generation });
+            } else {
+                core.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(port, generation);
+            }
         }
         Ok(generation)
     }
@@ -543,6 +620,10 @@ impl DataPath for Relay {
         let mut table = core.lock();
         let inherited = table.inherited.remove(&port).is_some();
         let generation = table.ports.remove(&port);
+        core.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
         if !inherited && generation.is_none() {
             return Err(DataPathError::NotFound(port));
         }

@@ -5,9 +5,12 @@
 //! them and [`XdpDataPath::channels`] lists what it finds. The program itself is detached when
 //! the [`XdpDataPath`] is dropped: user space owns the decision to run the fast path.
 use std::{
+    collections::{HashMap as StdHashMap, HashSet},
     ffi::CString,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -18,10 +21,12 @@ use aya::{
 };
 use relay_common::{
     CHANNEL_STATS_MAP, CHANNELS_MAP, CONFIG_MAP, COUNTERS_MAP, Channel, ChannelKey, ChannelState,
-    ChannelStats, Counter, EGRESS_MAP, RelayConfig, XDP_PROGRAM, channel_index,
+    ChannelStats, Counter, EGRESS_MAP, NEXTHOPS_MAP, Neighbour, NextHopKey, RelayConfig,
+    XDP_PROGRAM, channel_index,
 };
 
 use crate::datapath::{DataPath, DataPathError};
+use crate::nexthop::{Resolver, Unresolved};
 
 /// The compiled XDP object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-ebpf"));
@@ -137,6 +142,113 @@ impl Maps {
     }
 }
 
+/// The (relay address, destination) pairs the fast path needs next hops for to forward `ch`:
+/// one per latched IPv4 endpoint of a leg with an IPv4 relay address to send from.
+pub fn next_hop_keys(ch: &Channel) -> impl Iterator<Item = NextHopKey> + '_ {
+    ch.legs.iter().flat_map(|leg| {
+        [leg.rtp, leg.rtcp]
+            .into_iter()
+            .filter(move |ep| {
+                ep.is_latched()
+                    && ep.addr.is_ipv4()
+                    && leg.local_addr.is_ipv4()
+                    && !leg.local_addr.is_unspecified()
+            })
+            .map(move |ep| NextHopKey {
+                saddr: leg.local_addr.ipv4_raw(),
+                daddr: ep.addr.ipv4_raw(),
+            })
+    })
+}
+
+/// A destination the fast path cannot send to, and why (see [`XdpDataPath::unresolved`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnresolvedNextHop {
+    /// The relay address packets are sent from.
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub why: Unresolved,
+}
+
+/// The next-hop map with what user space knows about each pair it resolved.
+struct NextHops {
+    map: HashMap<MapData, NextHopKey, Neighbour>,
+    resolver: Resolver,
+    /// What the map holds (read at load, then kept in step with every write).
+    present: StdHashMap<NextHopKey, Neighbour>,
+    /// Pairs that could not be resolved at the last attempt.
+    unresolved: StdHashMap<NextHopKey, Unresolved>,
+    /// Whether the last write replaced or deleted an element (see [`rcu_grace_period`]).
+    freed: bool,
+}
+
+impl NextHops {
+    /// Writes `key`'s resolution into the map if it changed.
+    fn apply(&mut self, key: NextHopKey, r: Result<Neighbour, Unresolved>) {
+        match r {
+            Ok(hop) => {
+                self.unresolved.remove(&key);
+                if self.present.get(&key) == Some(&hop) {
+                    return;
+                }
+                if std::mem::take(&mut self.freed) {
+                    rcu_grace_period();
+                }
+                let replaces = self.present.contains_key(&key);
+                match self.map.insert(key, hop, 0) {
+                    Ok(()) => {
+                        self.present.insert(key, hop);
+                        self.freed = replaces;
+                    }
+                    Err(e) => {
+                        log::warn!("cannot write a next hop into the fast path: {e}");
+                        self.freed = true;
+                    }
+                }
+            }
+            Err(why) => {
+                self.unresolved.insert(key, why);
+                self.delete(key);
+            }
+        }
+    }
+
+    fn delete(&mut self, key: NextHopKey) {
+        if self.present.remove(&key).is_some() {
+            // The map entry goes whether or not the delete reports an error (already gone).
+            let _ = self.map.remove(&key);
+            self.freed = true;
+        }
+    }
+
+    /// Resolves `keys` now, with fresh link and neighbour tables, and writes them.
+    fn ensure(&mut self, keys: impl IntoIterator<Item = NextHopKey>) {
+        if let Err(e) = self.resolver.refresh() {
+            log::warn!("reading the routing tables: {e}");
+        }
+        for key in keys {
+            let r = self.resolver.resolve(key);
+            self.apply(key, r);
+        }
+    }
+
+    /// Resolves every pair in `wanted` and removes every other entry.
+    fn sync(&mut self, wanted: &HashSet<NextHopKey>) {
+        self.ensure(wanted.iter().copied());
+        let stale: Vec<NextHopKey> = self
+            .present
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.delete(key);
+        }
+        self.unresolved.retain(|k, _| wanted.contains(k));
+        self.resolver.retain(|k| wanted.contains(k));
+    }
+}
+
 /// Waits for an RCU grace period: `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`
 /// in the kernel, and every XDP program run is an RCU read-side critical section. Where the
 /// command is refused (`nohz_full` kernels), a generous sleep stands in for it.
@@ -179,19 +291,70 @@ fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
     Ok(file.into())
 }
 
-/// How often cached next hops are invalidated (the program then asks the FIB again on the
-/// next packet of each direction): the longest a changed route or neighbour MAC can be
-/// ignored by the fast path.
+/// How often the next-hop map is refreshed from the kernel's routing and neighbour tables and
+/// the per-channel next-hop caches are invalidated (the program then reads the map again on the
+/// next packet of each direction): the longest a changed route or neighbour MAC can be ignored
+/// by the fast path, and the longest a newly resolved neighbour waits to be used.
 pub const FIB_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Bumps the configuration's FIB generation every [`FIB_REFRESH`] until dropped.
+/// How often at most the fast path's degradation is logged as a warning.
+const DEGRADED_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Pass reasons that are a problem of the host (routing, neighbours, interfaces), not of the
+/// traffic: packets of installed, latched channels that user space had to carry.
+pub const HOST_PASS_REASONS: [Counter; 3] = [
+    Counter::PassNoNeighbour,
+    Counter::PassFibFailed,
+    Counter::PassEgressUnavailable,
+];
+
+/// What the refresher thread shares with the data path.
+struct Shared {
+    maps: Arc<Mutex<Maps>>,
+    nexthops: Arc<Mutex<NextHops>>,
+    counters: Arc<PerCpuArray<MapData, u64>>,
+}
+
+/// Every [`FIB_REFRESH`]: resolves the next hops of every channel in the map, writes them, then
+/// bumps the configuration's FIB generation; warns (rate-limited) while the fast path passes
+/// packets up for host reasons. Stops when dropped.
 struct FibRefresher {
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each operation under these locks is one syscall or a completed table update, so a
+    // poisoned lock still guards consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn host_passes(counters: &PerCpuArray<MapData, u64>) -> [u64; 3] {
+    HOST_PASS_REASONS.map(|c| {
+        counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    })
+}
+
+impl Shared {
+    fn refresh(&self) {
+        let wanted: HashSet<NextHopKey> = {
+            let maps = lock(&self.maps);
+            maps.channels
+                .iter()
+                .filter_map(Result::ok)
+                .flat_map(|(_, ch)| next_hop_keys(&ch).collect::<Vec<_>>())
+                .collect()
+        };
+        lock(&self.nexthops).sync(&wanted);
+    }
+}
+
 impl FibRefresher {
     fn start(
+        shared: Shared,
         mut config: Array<MapData, RelayConfig>,
         mut current: RelayConfig,
     ) -> std::io::Result<Self> {
@@ -199,13 +362,47 @@ impl FibRefresher {
         let thread = std::thread::Builder::new()
             .name("hr-fib-refresh".into())
             .spawn(move || {
+                let mut passed = host_passes(&shared.counters);
+                let mut last_warning: Option<Instant> = None;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(FIB_REFRESH)
                 {
+                    shared.refresh();
                     current.fib_generation = current.fib_generation.wrapping_add(1).max(1);
                     if let Err(e) = config.set(0, current, 0) {
                         log::warn!("cannot refresh the fast path's next hops: {e}");
                     }
+                    let now = host_passes(&shared.counters);
+                    let delta: Vec<String> = HOST_PASS_REASONS
+                        .iter()
+                        .zip(now.iter().zip(passed))
+                        .filter(|(_, (n, p))| *n > p)
+                        .map(|(c, (n, p))| format!("{} {}", n - p, c.name()))
+                        .collect();
+                    passed = now;
+                    let unresolved: Vec<String> = lock(&shared.nexthops)
+                        .unresolved
+                        .iter()
+                        .take(4)
+                        .map(|(k, why)| {
+                            let (s, d) = (
+                                Ipv4Addr::from(k.saddr.to_ne_bytes()),
+                                Ipv4Addr::from(k.daddr.to_ne_bytes()),
+                            );
+                            format!("{s} -> {d}: {why}")
+                        })
+                        .collect();
+                    if (delta.is_empty() && unresolved.is_empty())
+                        || last_warning.is_some_and(|t| t.elapsed() < DEGRADED_LOG_INTERVAL)
+                    {
+                        continue;
+                    }
+                    last_warning = Some(Instant::now());
+                    log::warn!(
+                        "fast path degraded: packets of installed channels passed up to user                          space for host reasons in the last {FIB_REFRESH:?} [{}]; unresolved next                          hops [{}] (warned at most every {DEGRADED_LOG_INTERVAL:?})",
+                        delta.join(", "),
+                        unresolved.join("; ")
+                    );
                 }
             })?;
         Ok(Self {
@@ -226,14 +423,16 @@ impl Drop for FibRefresher {
 
 /// The loaded and attached XDP program with its maps.
 pub struct XdpDataPath {
-    maps: Mutex<Maps>,
+    maps: Arc<Mutex<Maps>>,
+    nexthops: Arc<Mutex<NextHops>>,
     /// Serialises writes to the channel map and says whether the last one may have freed an
     /// element a running program still reads ([`XdpDataPath::write`]). Separate from `maps`,
     /// so readers (counters, the Handover policy's look-ups from a worker) never wait for a
     /// grace period.
     writes: Mutex<bool>,
-    counters: PerCpuArray<MapData, u64>,
-    _fib_refresher: FibRefresher,
+    counters: Arc<PerCpuArray<MapData, u64>>,
+    // Declared before the maps' users are gone: dropping it joins the refresher thread.
+    fib_refresher: Option<FibRefresher>,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
     port_min: u16,
@@ -352,15 +551,41 @@ impl XdpDataPath {
         };
         let channels = HashMap::try_from(take(&mut ebpf, CHANNELS_MAP)?)?;
         let state = Array::try_from(take(&mut ebpf, CHANNEL_STATS_MAP)?)?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?;
+        let counters = Arc::new(PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?);
+        let nexthop_map: HashMap<MapData, NextHopKey, Neighbour> =
+            HashMap::try_from(take(&mut ebpf, NEXTHOPS_MAP)?)?;
+        let present = nexthop_map
+            .iter()
+            .filter_map(Result::ok)
+            .collect::<StdHashMap<_, _>>();
+        let nexthops = Arc::new(Mutex::new(NextHops {
+            map: nexthop_map,
+            resolver: Resolver::open().context("opening rtnetlink to resolve next hops")?,
+            present,
+            unresolved: StdHashMap::new(),
+            freed: false,
+        }));
+        let maps = Arc::new(Mutex::new(Maps { channels, state }));
+        let shared = Shared {
+            maps: Arc::clone(&maps),
+            nexthops: Arc::clone(&nexthops),
+            counters: Arc::clone(&counters),
+        };
+        // Channels inherited from the pinned maps get their next hops before anything else.
+        shared.refresh();
         let mut config: Array<MapData, RelayConfig> =
             Array::try_from(take(&mut ebpf, CONFIG_MAP)?)?;
-        let relay_config = RelayConfig::new(port_min, port_max);
+        let mut relay_config = RelayConfig::new(port_min, port_max);
+        // A new generation: no next hop cached by a previous process is trusted.
+        relay_config.fib_generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32)
+            .max(1);
         config
             .set(0, relay_config, 0)
             .context("writing the relay configuration map")?;
-        let fib_refresher =
-            FibRefresher::start(config, relay_config).context("starting the next-hop refresher")?;
+        let fib_refresher = FibRefresher::start(shared, config, relay_config)
+            .context("starting the next-hop refresher")?;
         let mut egress: DevMapHash<MapData> = DevMapHash::try_from(take(&mut ebpf, EGRESS_MAP)?)?;
         for &idx in &ifindexes {
             egress
@@ -385,10 +610,11 @@ impl XdpDataPath {
             });
         }
         Ok(Self {
-            maps: Mutex::new(Maps { channels, state }),
+            maps,
+            nexthops,
             writes: Mutex::new(false),
             counters,
-            _fib_refresher: fib_refresher,
+            fib_refresher: Some(fib_refresher),
             attachments,
             pin_dir,
             port_min,
@@ -404,6 +630,7 @@ impl XdpDataPath {
     /// next-hop cache) is zeroed first, whatever a previous channel on the port left there.
     pub fn install_new(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
+        self.resolve_for(channel);
         self.write(|maps| match maps.zero_state(port) {
             Ok(()) => maps.write_channel(port, channel),
             Err(e) => (Err(e), false),
@@ -414,7 +641,51 @@ impl XdpDataPath {
     /// next-hop cache revalidates against the new addresses by itself).
     pub fn replace(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
+        self.resolve_for(channel);
         self.write(|maps| maps.write_channel(port, channel))
+    }
+
+    /// Resolves the next hops `channel` needs now and writes them into the next-hop map, so
+    /// they are there when the channel becomes visible to the program.
+    fn resolve_for(&self, channel: &Channel) {
+        let keys: Vec<NextHopKey> = next_hop_keys(channel).collect();
+        if !keys.is_empty() {
+            lock(&self.nexthops).ensure(keys);
+        }
+    }
+
+    /// Whether the fast path can send every packet of `channel` it would forward now: the next
+    /// hop of each latched destination is resolved (as of the last resolution).
+    pub fn next_hops_ready(&self, channel: &Channel) -> bool {
+        let nh = lock(&self.nexthops);
+        next_hop_keys(channel).all(|k| nh.present.contains_key(&k))
+    }
+
+    /// Destinations of installed channels the fast path cannot send to now, and why: their
+    /// packets go up to user space. Empty when the fast path is healthy.
+    pub fn unresolved(&self) -> Vec<UnresolvedNextHop> {
+        let mut v: Vec<UnresolvedNextHop> = lock(&self.nexthops)
+            .unresolved
+            .iter()
+            .map(|(k, why)| UnresolvedNextHop {
+                src: Ipv4Addr::from(k.saddr.to_ne_bytes()),
+                dst: Ipv4Addr::from(k.daddr.to_ne_bytes()),
+                why: why.clone(),
+            })
+            .collect();
+        v.sort_by_key(|u| (u.src, u.dst));
+        v
+    }
+
+    /// Resolves the next hops of every installed channel now (as the refresher does every
+    /// [`FIB_REFRESH`]), e.g. after a route or neighbour change a caller wants taken at once.
+    pub fn refresh_next_hops(&self) {
+        Shared {
+            maps: Arc::clone(&self.maps),
+            nexthops: Arc::clone(&self.nexthops),
+            counters: Arc::clone(&self.counters),
+        }
+        .refresh();
     }
 
     /// The interfaces the program runs on, and in which mode.
@@ -496,7 +767,13 @@ impl XdpDataPath {
     pub fn unpin_and_close(self) -> anyhow::Result<()> {
         let dir = self.pin_dir.clone();
         drop(self);
-        for name in [CHANNELS_MAP, CHANNEL_STATS_MAP, CONFIG_MAP, EGRESS_MAP] {
+        for name in [
+            CHANNELS_MAP,
+            CHANNEL_STATS_MAP,
+            CONFIG_MAP,
+            EGRESS_MAP,
+            NEXTHOPS_MAP,
+        ] {
             let p = dir.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).with_context(|| format!("unpinning {}", p.display()))?;
@@ -525,9 +802,7 @@ impl XdpDataPath {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
-        // A panic while holding the lock cannot leave the maps inconsistent (each operation is
-        // one syscall), so a poisoned lock is still usable.
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.maps)
     }
 
     fn check_port(&self, port: u16) -> Result<(), DataPathError> {
@@ -544,6 +819,7 @@ impl XdpDataPath {
 
 impl Drop for XdpDataPath {
     fn drop(&mut self) {
+        drop(self.fib_refresher.take());
         let links: Vec<XdpLinkId> = self.links.drain(..).collect();
         let ebpf = &self.ebpf;
         in_netns(self.netns.as_ref(), || {
@@ -633,6 +909,7 @@ impl DataPath for XdpDataPath {
 
     fn install(&self, port: u16, channel: &Channel) -> Result<(), DataPathError> {
         self.check_port(port)?;
+        self.resolve_for(channel);
         let key = ChannelKey::for_port(port);
         // A new channel starts with fresh counters and an empty next-hop cache; a replaced one
         // keeps them (the cache revalidates against the new addresses by itself).

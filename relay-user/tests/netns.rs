@@ -57,6 +57,8 @@ fn send_and_receive(
 fn home_reaches_office_through_kernel_forwarding() {
     require_root();
     let tb = Testbed::create(TestbedOptions { nat: false }).unwrap();
+    // This test is about kernel forwarding itself: switch it on in Relay.
+    tb.set_forwarding(Host::Relay, true).unwrap();
     let office = SocketAddrV4::new(netns::OFFICE_ADDR, 5004);
     let rx = bind_in(&tb, Host::Office, office);
     let src = send_and_receive(
@@ -90,6 +92,8 @@ fn home_reaches_office_through_kernel_forwarding() {
 fn nat_rewrites_source_port_into_its_range() {
     require_root();
     let tb = Testbed::create(TestbedOptions::default()).unwrap();
+    // Office is reached through Relay by kernel forwarding here.
+    tb.set_forwarding(Host::Relay, true).unwrap();
     let office = SocketAddrV4::new(netns::OFFICE_ADDR, 5006);
     let rx = bind_in(&tb, Host::Office, office);
     let src = send_and_receive(
@@ -136,7 +140,8 @@ fn relay_settings_for_the_fast_path() {
             .trim()
             .to_owned()
     };
-    assert_eq!(sysctl(Host::Relay, "net.ipv4.ip_forward"), "1");
+    // The relay is not a router: the stock default.
+    assert_eq!(sysctl(Host::Relay, "net.ipv4.ip_forward"), "0");
     assert_eq!(sysctl(Host::Relay, "net.ipv4.conf.all.rp_filter"), "0");
     assert_eq!(sysctl(Host::Relay, "net.ipv4.conf.r-home.rp_filter"), "0");
     assert_eq!(sysctl(Host::Nat, "net.ipv4.ip_forward"), "1");
@@ -182,6 +187,9 @@ fn two_testbeds_coexist() {
     let b = Testbed::create(TestbedOptions { nat: false }).unwrap();
     assert_ne!(a.ns(Host::Relay), b.ns(Host::Relay));
     assert!(!a.has(Host::Nat));
+    // Home reaches Office by kernel forwarding through each Relay.
+    a.set_forwarding(Host::Relay, true).unwrap();
+    b.set_forwarding(Host::Relay, true).unwrap();
     // Same addresses, same ports, separate worlds.
     for (tb, payload) in [(&a, b"in a" as &'static [u8]), (&b, b"in b")] {
         let office = SocketAddrV4::new(netns::OFFICE_ADDR, 7000);
