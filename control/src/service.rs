@@ -4,10 +4,12 @@
 //! timeouts; and a stream of [`Event`]s.
 //!
 //! The invariant a reader must know: **a channel is in the allocator if and only if it is
-//! installed in the data path** (between requests). An install that fails releases the
-//! allocation; a remove that fails leaves the allocation in place (the client may retry); a
-//! channel the data path inherited from a previous process is removed at start, because the
-//! allocator's state is not persisted.
+//! installed in the data path and recorded in the store** (between requests). The record is
+//! written before the data path changes; an install that fails releases the allocation and
+//! deletes the record; a remove that fails leaves the allocation in place (the client may
+//! retry). At start, stored channels are restored — adopted from the pinned maps where the
+//! data path inherited them, installed again otherwise — and inherited channels no record
+//! explains are removed ([`Owner::restore`]).
 //!
 //! Concurrency: **one owner.** A dedicated thread (`channel-owner`) owns the allocator, the
 //! channel records and every call into the data path; [`Service`] is a cheap handle that sends
@@ -19,10 +21,9 @@
 //! Every event is emitted by the owner, so every watcher sees one order: a channel's
 //! `Allocated` before its `Latched` before its `Released`.
 //!
-//! Events: the data path has no event callback, so latching and the move to the fast path are
-//! found by a periodic diff ([`crate::config::EventsSection::poll_interval`], 250 ms by
-//! default) of each channel against the last view: one snapshot read per channel per tick, plus
-//! one fast-path map lookup for channels latched but not yet seen in the fast path.
+//! Events: the data path pushes `Latched` and `FastPath` (with the channel's generation) into
+//! the owner's queue through the sink [`Queue::events`]; the owner drops those of a generation
+//! it no longer holds, and takes pending ones before it reports a channel `Released`.
 //!
 //! Idle timeouts: at the earliest idle deadline, each due channel's last packet time (from the
 //! data path's counters, `CLOCK_MONOTONIC`) is converted to an `Instant` with one
