@@ -356,9 +356,19 @@ impl Config {
         let de = toml::de::Deserializer::parse(text)
             .map_err(|e| ConfigError::new("(file)", e.message()))?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            let mut key = e.path().to_string();
+            // A datetime where a table or another value belongs: the path ends in the toml
+            // crate's private field for datetimes, which is no key of this file.
+            if let Some(at) = key.find(TOML_PRIVATE) {
+                key.truncate(at);
+                key.truncate(key.trim_end_matches('.').len());
+            }
             let inner = e.into_inner();
-            let key = if key == "." { "(file)".to_owned() } else { key };
+            let key = if key == "." || key.is_empty() {
+                "(file)".to_owned()
+            } else {
+                key
+            };
             ConfigError {
                 key,
                 message: with_line(text, &inner),
@@ -645,6 +655,9 @@ impl Config {
 }
 
 /// The error's message with its line number, if the TOML parser knows the span.
+/// The prefix of the toml crate's internal field names (`$__toml_private_datetime`).
+const TOML_PRIVATE: &str = "$__toml_private";
+
 fn with_line(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
@@ -799,6 +812,18 @@ mod tests {
         .expect("valid");
         assert!(c.metrics.enabled);
         assert_eq!(c.metrics.listen.port(), 9500);
+    }
+
+    /// Found by the config fuzz target: a datetime where a section or a string belongs was
+    /// reported under the toml crate's internal field name.
+    #[test]
+    fn a_datetime_in_the_wrong_place_names_the_key() {
+        let e = Config::from_toml("relay = 1979-05-27T07:32:00Z\n").expect_err("rejected");
+        assert_eq!(e.key, "relay", "{e}");
+        let e = Config::from_toml("[api]\nlisten = 1979-05-27T07:32:00Z\n").expect_err("rejected");
+        assert_eq!(e.key, "api.listen", "{e}");
+        let e = Config::from_toml("[xdp]\ninterfaces = [1979-05-27]\n").expect_err("rejected");
+        assert!(!e.key.contains('$'), "{e}");
     }
 
     #[test]

@@ -139,7 +139,8 @@ impl ChannelSpec {
                         format!("{addr}: IPv6 peers are not supported yet"),
                     ));
                 }
-                if addr.ip().is_unspecified() || addr.port() == 0 {
+                // Canonical form: `::ffff:0.0.0.0` is the unspecified IPv4 address too.
+                if addr.ip().to_canonical().is_unspecified() || addr.port() == 0 {
                     return Err(SpecError::new(
                         field,
                         format!("{addr}: a peer needs an address and a port"),
@@ -376,6 +377,16 @@ mod tests {
             (
                 leg(Some("0.0.0.0:5004"), None, false),
                 "leg_b.rtp_address: 0.0.0.0:5004: a peer needs an address and a port",
+            ),
+            (
+                // IPv4-mapped 0.0.0.0 (found by the spec fuzz target: it passed, and the
+                // channel got an endpoint the data path reads as unknown).
+                leg(Some("[::ffff:0.0.0.0]:5004"), None, true),
+                "leg_b.rtp_address: [::ffff:0.0.0.0]:5004: a peer needs an address and a port",
+            ),
+            (
+                leg(None, Some("[::ffff:0.0.0.0]:5005"), false),
+                "leg_b.rtcp_address: [::ffff:0.0.0.0]:5005: a peer needs an address and a port",
             ),
             (
                 leg(Some("192.0.2.1:0"), None, false),

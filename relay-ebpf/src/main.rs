@@ -104,10 +104,16 @@ fn endpoint(leg: &Leg, rtcp: bool) -> &Endpoint {
     if rtcp { &leg.rtcp } else { &leg.rtp }
 }
 
-/// Whether `ep` is a latched IPv4 endpoint equal to `addr:port` (both raw, network order).
+/// Whether `ep` is a latched, known IPv4 endpoint equal to `addr:port` (both raw, network
+/// order). Known as in the rule (`Endpoint::matches`): an endpoint without an address or port
+/// matches no source.
 #[inline(always)]
 fn latched_v4(ep: &Endpoint, addr: u32, port: u16) -> bool {
-    ep.is_latched() && ep.addr.is_ipv4() && ep.addr.ipv4_raw() == addr && ep.port.raw() == port
+    ep.is_latched()
+        && ep.is_known()
+        && ep.addr.is_ipv4()
+        && ep.addr.ipv4_raw() == addr
+        && ep.port.raw() == port
 }
 
 /// Ones'-complement sum folded to 16 bits (RFC 1071).
@@ -214,7 +220,9 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     let to_leg = &channel.legs[1 - from];
     let to = endpoint(to_leg, rtcp);
     let payload_len = usize::from(udp_len) - UdpHdr::LEN;
-    if !to.is_latched() {
+    // A latched endpoint without an address or port is no destination (the rule drops such a
+    // packet as DestinationUnknown): never send to port 0.
+    if !to.is_latched() || !to.is_known() {
         return Err(Counter::PassDestinationUnlatched);
     }
     if !to.addr.is_ipv4() || !to_leg.local_addr.is_ipv4() || to_leg.local_addr.is_unspecified() {

@@ -186,6 +186,12 @@ pub fn decide(
         ep.is_latched() && ep.matches(src)
     }) {
         Some(i) => i,
+        // A source no reply could reach (port 0, or no address) is never learnt: it would
+        // make an endpoint that no later packet matches here but that the fast path, which
+        // compares the raw address and port, would.
+        None if src.port() == 0 || src.ip().to_canonical().is_unspecified() => {
+            return Decision::Drop(DropReason::UnknownSource);
+        }
         None => {
             // 2. An expected (announced, not yet confirmed) endpoint that matches exactly.
             let unlatched =
@@ -383,6 +389,42 @@ mod tests {
             }
         );
         assert!(ch.legs[LEG_A].rtcp.matches(sa("198.51.100.20:40011")));
+    }
+
+    /// Found by the forward fuzz target: a source with port 0 (or no address) latched, making
+    /// an endpoint no later packet matched in user space but the fast path would match.
+    #[test]
+    fn a_source_no_reply_could_reach_is_never_learnt() {
+        for src in [
+            "198.51.100.20:0",
+            "0.0.0.0:40000",
+            "[::ffff:0.0.0.0]:40000",
+            "[::]:1",
+        ] {
+            let mut ch = channel();
+            let before = ch;
+            assert_eq!(
+                decide(&mut ch, 30528, sa(src)),
+                Decision::Drop(DropReason::UnknownSource),
+                "{src}"
+            );
+            assert_eq!(ch, before, "{src}");
+        }
+        // Handover does not move a silent leg to such a source either.
+        let mut ch = channel();
+        ch.latching = Latching::new(LatchMode::Handover, 0, 1);
+        ch.legs[LEG_A].rtp = Endpoint::new(sa("198.51.100.20:40000"), true);
+        let before = ch;
+        let d = super::decide(
+            &mut ch,
+            &mut LatchState::default(),
+            30528,
+            sa("198.51.100.30:0"),
+            10 * MS,
+            |_| 0,
+        );
+        assert_eq!(d, Decision::Drop(DropReason::UnknownSource));
+        assert_eq!(ch, before);
     }
 
     #[test]

@@ -31,6 +31,39 @@ use crate::forward::DropReason;
 use crate::{DataPath, DataPathError};
 use worker::{Command, Worker, WorkerInit};
 
+/// The control-message codec, reachable by the fuzz targets (`fuzz/`): not an API.
+#[doc(hidden)]
+pub mod cmsg_codec {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    pub use super::cmsg::CMSG_CAP;
+    use super::cmsg::{self, CmsgBuf};
+
+    /// [`cmsg::decode_tos`] on the first `CMSG_CAP` bytes of `bytes` (zero-padded), with the
+    /// `msg_controllen` `len` the kernel would have returned.
+    pub fn decode_tos(bytes: &[u8], len: usize) -> Option<u8> {
+        let mut buf = CmsgBuf::ZERO;
+        let n = bytes.len().min(CMSG_CAP);
+        buf.0[..n].copy_from_slice(&bytes[..n]);
+        cmsg::decode_tos(&buf, len)
+    }
+
+    /// [`cmsg::encode_tx`] into a fresh buffer: the buffer and `msg_controllen`.
+    pub fn encode_tx(src: Option<Ipv4Addr>, tos: Option<u8>) -> ([u8; CMSG_CAP], usize) {
+        let mut buf = CmsgBuf::ZERO;
+        let len = cmsg::encode_tx(&mut buf, src, tos);
+        (buf.0, len)
+    }
+
+    /// `sockaddr_in` round trip: what [`cmsg::from_sockaddr`] reads back from
+    /// [`cmsg::to_sockaddr`], with the family and the name length given.
+    pub fn sockaddr_round_trip(addr: SocketAddrV4, family: u16, len: u32) -> Option<SocketAddrV4> {
+        let mut sa = cmsg::to_sockaddr(addr);
+        sa.sin_family = family as libc::sa_family_t;
+        cmsg::from_sockaddr(&sa, len as libc::socklen_t)
+    }
+}
+
 /// How long a control-plane call waits for the owning worker to answer. Binding two sockets
 /// takes microseconds; this only bounds the damage of a stuck worker.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -9,7 +9,7 @@ use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Capacity of one control-message buffer: room for `IP_PKTINFO` and `IP_TOS` (asserted).
-pub(crate) const CMSG_CAP: usize = 64;
+pub const CMSG_CAP: usize = 64;
 
 /// One datagram's control-message buffer, aligned like `struct cmsghdr`.
 #[repr(C, align(8))]
@@ -91,7 +91,9 @@ fn header_at(buf: &CmsgBuf, len: usize, off: usize) -> Option<(libc::cmsghdr, us
     // read is unaligned and `cmsghdr` is plain integers, valid for any bit pattern.
     let hdr = unsafe { std::ptr::read_unaligned(buf.0[off..].as_ptr().cast::<libc::cmsghdr>()) };
     let clen = hdr.cmsg_len as usize;
-    if clen < HDR || off + clen > len {
+    // `len - off` cannot underflow (checked above); `off + clen` could overflow for a
+    // garbage `cmsg_len`.
+    if clen < HDR || clen > len - off {
         return None;
     }
     Some((hdr, clen))
@@ -240,6 +242,17 @@ mod tests {
         let (mut buf, _) = received(&[(libc::IPPROTO_IP, libc::IP_TOS, &[7])]);
         assert_eq!(decode_tos(&buf, HDR), None);
         buf.0[0] = 200;
+        assert_eq!(decode_tos(&buf, CMSG_CAP), None);
+        // A second header whose cmsg_len is near usize::MAX: `off + cmsg_len` must not wrap
+        // (found by the cmsg fuzz target: an overflow panic, and in release a wrapped sum that
+        // passed the bounds check).
+        let (mut buf, len) = received(&[
+            (libc::IPPROTO_IP, libc::IP_TTL, &[64, 0, 0, 0]),
+            (libc::IPPROTO_IP, libc::IP_TTL, &[64, 0, 0, 0]),
+        ]);
+        let second = space(4);
+        buf.0[second..second + size_of::<usize>()].copy_from_slice(&(usize::MAX - 3).to_ne_bytes());
+        assert_eq!(decode_tos(&buf, len), None);
         assert_eq!(decode_tos(&buf, CMSG_CAP), None);
         // An IP_TOS message with no data byte.
         let (buf, len) = received(&[(libc::IPPROTO_IP, libc::IP_TOS, &[])]);
