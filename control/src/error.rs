@@ -34,10 +34,16 @@ pub enum ServiceError {
     /// The state database refused a write: nothing was changed (the data path is changed only
     /// after its record is written).
     #[error("state database: {0}")]
-    Store(#[from] relay_store::StoreError),
+    Store(String),
     /// The host refused something the relay needs (a thread, memory).
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<relay_store::StoreError> for ServiceError {
+    fn from(e: relay_store::StoreError) -> ServiceError {
+        ServiceError::Store(e.to_string())
+    }
 }
 
 impl ServiceError {

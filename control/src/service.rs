@@ -303,6 +303,30 @@ enum Msg {
     },
 }
 
+/// One request of a group (see `Owner::handle_group`) between its two phases.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a handful live at once, for one group, on the owner's stack"
+)]
+enum Step {
+    /// The leg already had this channel.
+    Existing {
+        port: u16,
+        reply: oneshot::Sender<Result<(ChannelView, bool), ServiceError>>,
+    },
+    /// A new allocation, recorded, to install.
+    Install {
+        info: ChannelInfo,
+        spec: ChannelSpec,
+        reply: oneshot::Sender<Result<(ChannelView, bool), ServiceError>>,
+    },
+    /// A release, its record deleted, to take out of the data path.
+    Release {
+        port: u16,
+        reply: oneshot::Sender<Result<(ChannelView, SystemTime), ServiceError>>,
+    },
+}
+
 /// The owner: the one thread that holds the allocator, the channel records and the data path.
 /// Every front end sends it [`Msg`]s; nothing else changes a channel.
 struct Owner {
@@ -694,14 +718,24 @@ impl Owner {
             };
             let mut next = first;
             let mut handled = 0;
+            // Allocations and releases queued together are written in one transaction
+            // (group commit), then applied to the data path in order.
+            let mut group = Vec::new();
             while let Some(msg) = next {
-                if let Msg::Shutdown { release, reply } = msg {
-                    let released = if release { self.release_all() } else { 0 };
-                    let _ = reply.send(released);
-                    // Whatever else is queued finds the service gone.
-                    return;
+                match msg {
+                    Msg::Allocate { .. } | Msg::Release { .. } => group.push(msg),
+                    Msg::Shutdown { release, reply } => {
+                        self.handle_group(std::mem::take(&mut group));
+                        let released = if release { self.release_all() } else { 0 };
+                        let _ = reply.send(released);
+                        // Whatever else is queued finds the service gone.
+                        return;
+                    }
+                    other => {
+                        self.handle_group(std::mem::take(&mut group));
+                        self.handle(other);
+                    }
                 }
-                self.handle(msg);
                 handled += 1;
                 if handled == BATCH {
                     break;
@@ -711,6 +745,7 @@ impl Owner {
                     .pop_front()
                     .or_else(|| self.rx.try_recv().ok());
             }
+            self.handle_group(group);
             if self
                 .due
                 .first()
@@ -858,6 +893,122 @@ impl Owner {
         Ok(adopted)
     }
 
+    /// Allocations and releases in the order they came, with one store transaction for all
+    /// of them, written before any of them touches the data path (see the module invariant).
+    fn handle_group(&mut self, group: Vec<Msg>) {
+        if group.is_empty() {
+            return;
+        }
+        if group.len() == 1 {
+            // Nothing to share a transaction with.
+            for msg in group {
+                self.handle(msg);
+            }
+            return;
+        }
+        let clock = Clock::now();
+        let mut ops = Vec::new();
+        let mut steps = Vec::with_capacity(group.len());
+        // Phase 1: the allocator decides, the records are prepared.
+        for msg in group {
+            match msg {
+                Msg::Allocate {
+                    request,
+                    spec,
+                    reply,
+                } => match self.allocator.allocate(request, clock.instant()) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                    Ok(allocation) if !allocation.new => {
+                        steps.push(Step::Existing {
+                            port: allocation.channel.slot.port,
+                            reply,
+                        });
+                    }
+                    Ok(allocation) => {
+                        ops.push(self.put(&allocation.channel, &spec, clock));
+                        steps.push(Step::Install {
+                            info: allocation.channel,
+                            spec,
+                            reply,
+                        });
+                    }
+                },
+                Msg::Release { target, reply } => {
+                    // A channel allocated earlier in this group is in the allocator already.
+                    let port = match &target {
+                        ChannelRef::Port(port) if self.allocator.get(slot(*port)).is_some() => {
+                            Ok(*port)
+                        }
+                        _ => self.resolve(&target),
+                    };
+                    match port {
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Ok(port) => {
+                            ops.push(delete(port));
+                            steps.push(Step::Release { port, reply });
+                        }
+                    }
+                }
+                other => self.handle(other),
+            }
+        }
+        // One transaction for the group.
+        if let Err(e) = self.persist(&ops) {
+            let why = match e {
+                ServiceError::Store(why) => why,
+                other => other.to_string(),
+            };
+            tracing::error!("state database: {why}: {} request(s) refused", steps.len());
+            for step in steps {
+                match step {
+                    Step::Install { info, reply, .. } => {
+                        let _ = self.allocator.release(info.slot, clock.instant());
+                        let _ = reply.send(Err(ServiceError::Store(why.clone())));
+                    }
+                    Step::Existing { port, reply } => {
+                        let _ = reply.send(self.view(port, clock).map(|v| (v, false)));
+                    }
+                    Step::Release { reply, .. } => {
+                        let _ = reply.send(Err(ServiceError::Store(why.clone())));
+                    }
+                }
+            }
+            return;
+        }
+        // Phase 2: the data path, in order.
+        let mut undo = Vec::new();
+        for step in steps {
+            match step {
+                Step::Existing { port, reply } => {
+                    let _ = reply.send(self.view(port, clock).map(|v| (v, false)));
+                }
+                Step::Install { info, spec, reply } => {
+                    let port = info.slot.port;
+                    let result = self.install(info, spec, clock);
+                    if result.is_err() {
+                        undo.push(delete(port));
+                    }
+                    let _ = reply.send(result.map(|v| (v, true)));
+                }
+                Step::Release { port, reply } => {
+                    let result = self.take_out(port, clock).map(|view| {
+                        self.metrics.released(ReleaseReason::Requested);
+                        self.emit(EventKind::Released, None, view.clone());
+                        (view, clock.wall())
+                    });
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        if let Err(e) = self.persist(&undo) {
+            log::error!("deleting the records of channels whose install failed: {e}");
+        }
+    }
+
     fn handle(&mut self, msg: Msg) {
         // A requester that gave up (its call was cancelled) does not need the answer.
         match msg {
@@ -948,30 +1099,47 @@ impl Owner {
         if !allocation.new {
             return Ok((self.view(port, clock)?, false));
         }
-        let channel = build_channel(&spec, port, &self.options.relay_addresses);
         // The record first, then the data path: a crash in between leaves a record the next
         // start installs (or drops), never a channel no record explains.
-        let written = self.persist(&[self.put(&allocation.channel, &spec, clock)]);
-        let installed = written.and_then(|()| Ok(self.relay.install_new(port, &channel)?));
-        let generation = match installed {
-            Ok(generation) => generation,
+        if let Err(e) = self.persist(&[self.put(&allocation.channel, &spec, clock)]) {
+            let _ = self
+                .allocator
+                .release(allocation.channel.slot, clock.instant());
+            return Err(e);
+        }
+        match self.install(allocation.channel, spec, clock) {
+            Ok(view) => Ok((view, true)),
             Err(e) => {
-                // Never leak: the allocation (and its record) go with the failed install.
-                if let Err(r) = self
-                    .allocator
-                    .release(allocation.channel.slot, clock.instant())
-                {
-                    log::error!("releasing channel {port} after a failed install: {r}");
-                }
                 if let Err(r) = self.persist(&[delete(port)]) {
                     log::error!(
                         "deleting the record of channel {port} after a failed install: {r}"
                     );
                 }
-                return Err(e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Installs a recorded new allocation in the data path and reports it `Allocated`; on a
+    /// refusal the allocation is released (its record is the caller's to delete).
+    fn install(
+        &mut self,
+        info: ChannelInfo,
+        spec: ChannelSpec,
+        clock: Clock,
+    ) -> Result<ChannelView, ServiceError> {
+        let port = info.slot.port;
+        let channel = build_channel(&spec, port, &self.options.relay_addresses);
+        let generation = match self.relay.install_new(port, &channel) {
+            Ok(generation) => generation,
+            Err(e) => {
+                // Never leak: the allocation goes with the failed install.
+                if let Err(r) = self.allocator.release(info.slot, clock.instant()) {
+                    log::error!("releasing channel {port} after a failed install: {r}");
+                }
+                return Err(e.into());
             }
         };
-        let info = &allocation.channel;
         let deadline = info.last_activity + info.timeout;
         self.due.insert((deadline, port));
         self.records.insert(
@@ -987,7 +1155,7 @@ impl Owner {
         );
         let view = self.view(port, clock)?;
         self.emit(EventKind::Allocated, None, view.clone());
-        Ok((view, true))
+        Ok(view)
     }
 
     fn update(&mut self, target: &ChannelRef, update: Update) -> Result<ChannelView, ServiceError> {
@@ -1231,8 +1399,14 @@ impl Owner {
 
     /// Final view, remove from the data path, release the allocation.
     fn release_port(&mut self, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
-        let view = self.view(port, clock)?;
         self.persist(&[delete(port)])?;
+        self.take_out(port, clock)
+    }
+
+    /// Final view, remove from the data path, release the allocation (the record is already
+    /// deleted).
+    fn take_out(&mut self, port: u16, clock: Clock) -> Result<ChannelView, ServiceError> {
+        let view = self.view(port, clock)?;
         match self.relay.remove(port) {
             Ok(()) | Err(DataPathError::NotFound(_)) => {}
             // The channel stays allocated and installed: the client may retry.
