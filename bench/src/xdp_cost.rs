@@ -116,7 +116,19 @@ pub fn measure(repeat: u32, samples: usize) -> anyhow::Result<XdpCost> {
             flags: 0,
             ..Channel::default()
         };
+        // The measured channel sends from 198.51.100.10, so that the rewritten frame equals the
+        // input (the repeated runs need that); next hops are looked up from the sending
+        // address, which must therefore be one of this namespace's own.
+        let out = std::process::Command::new("ip")
+            .args(["addr", "replace", "198.51.100.10/32", "dev", "lo"])
+            .output()?;
+        if !out.status.success() {
+            bail!("ip addr: {}", String::from_utf8_lossy(&out.stderr));
+        }
         xdp.install(30540, &channel)?;
+        // Next hops come from user space (rtnetlink); resolve them before measuring (only
+        // the measured direction, 198.51.100.10 → FAKE_PEER, can be).
+        xdp.refresh_next_hops();
         let forward = frame([198, 51, 100, 10], [198, 51, 100, 77], 5004, 30540)?;
         // RTP version 2, PCMU, seq 7, timestamp 1120, 160 bytes of audio.
         let mut rtp = vec![0x80, 0, 0, 7, 0, 0, 0x04, 0x60, 0, 0, 0x11, 0x11];
