@@ -186,7 +186,7 @@ async fn run_refuses_bad_configurations_naming_the_key() {
     assert!(out.starts_with("configuration is valid"), "{out}");
 }
 
-/// A `homerelay run` child and the lines it logged so far.
+/// A `homerelay run` child serving its API, and the lines it logged so far.
 struct Daemon {
     child: std::process::Child,
     lines: mpsc::Receiver<String>,
@@ -197,39 +197,18 @@ struct Daemon {
 impl Daemon {
     /// Starts `homerelay run` with `args` and waits until it reports its API address.
     fn start(args: &[&str]) -> Daemon {
-        let mut child = homerelay(args)
-            .env("HOMERELAY_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start homerelay run");
-        let stderr = child.stderr.take().expect("stderr");
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut log = Vec::new();
-        let addr = loop {
-            let line = lines.recv_timeout(WAIT).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "homerelay did not report its API address:\n{}",
-                    log.join("\n")
-                )
-            });
-            log.push(line.clone());
-            if let Some(rest) = line.split("gRPC API on ").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_owned();
-            }
-        };
+        let mut d = LoggedDaemon::start(args);
+        let line = d.wait_for("gRPC API on ");
+        let addr = line
+            .split("gRPC API on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("address")
+            .to_owned();
         Daemon {
-            child,
-            lines,
-            log,
+            child: d.child,
+            lines: d.lines,
+            log: d.log,
             url: format!("http://{addr}"),
         }
     }
