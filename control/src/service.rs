@@ -724,6 +724,10 @@ impl Owner {
             while let Some(msg) = next {
                 match msg {
                     Msg::Allocate { .. } | Msg::Release { .. } => group.push(msg),
+                    // A data-path event concerns an installed channel, which no request of the
+                    // group has changed yet: handle it now, before a release in the group
+                    // reports the channel gone.
+                    Msg::DataPath(event) => self.on_data_path(event),
                     Msg::Shutdown { release, reply } => {
                         self.handle_group(std::mem::take(&mut group));
                         let released = if release { self.release_all() } else { 0 };
