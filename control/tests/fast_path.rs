@@ -169,6 +169,24 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     drop(tb);
 }
 
+/// Retries `f` while its error says a lock (state database, pin directory) is held: between
+/// `fork` and `exec` of a command another test runs (the testbeds run `ip`), the child holds a
+/// copy of every descriptor, so a lock just released by the previous run stays held for a
+/// moment. The daemon itself never forks.
+fn retry_while_held<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        match f() {
+            Err(e)
+                if format!("{e:#}").contains("in use") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The daemon's configuration for the testbed: XDP (generic) on the relay's two links.
 fn testbed_config(pin_dir: &std::path::Path, state: &std::path::Path) -> control::config::Config {
     let mut config = control::config::Config::default();
@@ -277,7 +295,8 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     // Between the runs the stray channel's record goes (as if its release was the last
     // thing written): the next run must remove it from the pinned maps.
     {
-        let mut store = relay_store::Store::open(&config.store.path).expect("the store is free");
+        let mut store = retry_while_held(|| relay_store::Store::open(&config.store.path))
+            .expect("the store is free");
         store
             .apply(&[relay_store::ChannelOp::Delete {
                 addr_index: 0,
@@ -287,11 +306,13 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     }
 
     // Second run on the same pin directory and state database.
-    let second = DaemonBuilder::new(config.clone())
-        .seed(6)
-        .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
-        .build()
-        .expect("second daemon");
+    let second = retry_while_held(|| {
+        DaemonBuilder::new(config.clone())
+            .seed(6)
+            .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+            .build()
+    })
+    .expect("second daemon");
     let service = second.service;
     let relay = second.relay.expect("relay");
     let pool = service.pool().await.expect("pool");

@@ -117,10 +117,20 @@ impl Setup {
         }
     }
 
+    /// A relay on this setup's pin directory, retried while a forked child of another test
+    /// still holds the previous relay's lock for a moment (see [`transient`]).
     fn relay(&self) -> Relay {
-        let o = self.options();
-        self.tb
-            .run_in(Host::Relay, move || Relay::start(o).unwrap())
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self.options();
+            match self.tb.run_in(Host::Relay, move || Relay::start(o)) {
+                Ok(relay) => return relay,
+                Err(e) if transient(&format!("{e:#}")) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("starting the relay: {e:#}"),
+            }
+        }
     }
 
     /// The home device's RTP socket (198.51.100.10:5004).
