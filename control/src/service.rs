@@ -881,19 +881,7 @@ impl Owner {
             .relay
             .channel(port)
             .unwrap_or_else(|_| build_channel(&spec, port, &self.options.relay_addresses));
-        let deadline = info.last_activity + info.timeout;
-        self.due.insert((deadline, port));
-        self.records.insert(
-            port,
-            Record {
-                spec,
-                deadline,
-                last_seen_ns: 0,
-                seen,
-                generation,
-                fast: false,
-            },
-        );
+        self.track(&info, spec, seen, generation);
         Ok(adopted)
     }
 
@@ -1124,6 +1112,25 @@ impl Owner {
         }
     }
 
+    /// Starts keeping the record of a channel the data path now holds (generation
+    /// `generation`), with its idle deadline.
+    fn track(&mut self, info: &ChannelInfo, spec: ChannelSpec, seen: Channel, generation: u64) {
+        let port = info.slot.port;
+        let deadline = info.last_activity + info.timeout;
+        self.due.insert((deadline, port));
+        self.records.insert(
+            port,
+            Record {
+                spec,
+                deadline,
+                last_seen_ns: 0,
+                seen,
+                generation,
+                fast: false,
+            },
+        );
+    }
+
     /// Installs a recorded new allocation in the data path and reports it `Allocated`; on a
     /// refusal the allocation is released (its record is the caller's to delete).
     fn install(
@@ -1144,19 +1151,7 @@ impl Owner {
                 return Err(e.into());
             }
         };
-        let deadline = info.last_activity + info.timeout;
-        self.due.insert((deadline, port));
-        self.records.insert(
-            port,
-            Record {
-                spec,
-                deadline,
-                last_seen_ns: 0,
-                seen: channel,
-                generation,
-                fast: false,
-            },
-        );
+        self.track(&info, spec, channel, generation);
         let view = self.view(port, clock)?;
         self.emit(EventKind::Allocated, None, view.clone());
         Ok(view)

@@ -96,19 +96,11 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
         UdpSocket::bind(office_addr).expect("bind office")
     });
 
-    let spec = ChannelSpec {
-        legs: [
-            LegSpec::default(),
-            LegSpec {
-                rtp: Some(office_addr),
-                strict: true,
-                ..LegSpec::default()
-            },
-        ],
-        ..ChannelSpec::default()
-    };
     let (view, created) = service
-        .allocate(Request::new("fast-call", "t", Kind::SystemDevice), spec)
+        .allocate(
+            Request::new("fast-call", "t", Kind::SystemDevice),
+            home_learnt_office_strict(office_addr),
+        )
         .await
         .expect("allocate");
     assert!(created);
@@ -167,6 +159,21 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     drop(relay);
     drop(pin);
     drop(tb);
+}
+
+/// A call whose home leg is learnt from traffic and whose office leg is given strictly.
+fn home_learnt_office_strict(office: SocketAddr) -> ChannelSpec {
+    ChannelSpec {
+        legs: [
+            LegSpec::default(),
+            LegSpec {
+                rtp: Some(office),
+                strict: true,
+                ..LegSpec::default()
+            },
+        ],
+        ..ChannelSpec::default()
+    }
 }
 
 /// Retries `f` while its error says a lock (state database, pin directory) is held: between
@@ -242,17 +249,7 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     let office = tb.run_in(Host::Office, move || {
         UdpSocket::bind(office_addr).expect("bind office")
     });
-    let spec = |office: SocketAddr| ChannelSpec {
-        legs: [
-            LegSpec::default(),
-            LegSpec {
-                rtp: Some(office),
-                strict: true,
-                ..LegSpec::default()
-            },
-        ],
-        ..ChannelSpec::default()
-    };
+    let spec = home_learnt_office_strict;
 
     // First run: a latched call in the fast path, and a second channel.
     let first = DaemonBuilder::new(config.clone())
