@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, bail};
 use relay_common::Channel;
-use relay_user::forward::{Decision, LatchState, decide};
+use relay_user::forward::{Datagram, Decision, LatchState, decide};
 use relay_user::netns::{Host, Testbed};
 use serde::Serialize;
 
@@ -150,7 +150,13 @@ fn forward_loop(
                     v4 => v4,
                 };
                 // The benchmark's channels latch on the first packet: no policy memory needed.
-                match decide(channel, &mut LatchState::default(), *port, src, 0, |_| 0) {
+                // Each socket is bound to one address: the kernel checked the destination.
+                let dgram = Datagram {
+                    src,
+                    dst: None,
+                    payload: &buf[..len],
+                };
+                match decide(channel, &mut LatchState::default(), *port, &dgram, 0, |_| 0) {
                     Decision::Forward { to, .. } => match sock.send_to(&buf[..len], to) {
                         Ok(_) => stats.forwarded += 1,
                         Err(_) => stats.send_errors += 1,

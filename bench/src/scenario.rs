@@ -192,7 +192,7 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relay_user::forward::{Decision, LatchState, decide};
+    use relay_user::forward::{Datagram, Decision, LatchState, decide};
 
     #[test]
     fn calls_make_two_flows_and_one_channel_each() {
@@ -209,7 +209,11 @@ mod tests {
                 &mut ch,
                 &mut LatchState::default(),
                 port,
-                f.spec.src.into(),
+                &Datagram {
+                    src: f.spec.src.into(),
+                    dst: Some((*f.spec.dst.ip()).into()),
+                    payload: &[0x80, 0, 0, 1, 0, 0, 0, 160, 0, 0, 0, 7],
+                },
                 0,
                 |_| 0,
             ) {

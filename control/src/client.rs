@@ -134,6 +134,10 @@ pub struct AllocateArgs {
     /// Media inactivity timeout, e.g. 30s (default: the daemon's).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
+    /// Let any payload latch a source (default: only RTP or RTCP version 2 may). For peers
+    /// that send something else before their media, e.g. a DTLS-SRTP handshake.
+    #[arg(long)]
+    pub latch_any_payload: bool,
 }
 
 /// `channels watch`.
@@ -326,6 +330,7 @@ pub async fn channels(c: &Connection, command: ChannelsCommand) -> anyhow::Resul
                     }),
                     latching: None,
                     clock_rate: 0,
+                    latch_any_payload: a.latch_any_payload,
                 })
                 .await
                 .map_err(call_error)?

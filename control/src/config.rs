@@ -128,6 +128,9 @@ pub struct RelaySection {
     pub internet_address: Option<Ipv4Addr>,
     /// Relay address leg B (the LAN side) talks to.
     pub lan_address: Option<Ipv4Addr>,
+    /// Let channels name peers on loopback or at this host's own addresses. Off: such a
+    /// request is refused (the relay would send media to itself); for labs on one machine.
+    pub allow_local_peers: bool,
 }
 
 /// `[xdp]`.

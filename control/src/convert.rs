@@ -200,6 +200,7 @@ pub fn allocate_from_pb(r: &pb::AllocateRequest) -> Result<(Request, ChannelSpec
             leg_from_pb(r.leg_b.as_ref(), "leg_b")?.unwrap_or_default(),
         ],
         latching: latching_from_pb(r.latching.as_ref(), "latching")?.unwrap_or_default(),
+        latch_any_payload: r.latch_any_payload,
         clock_rate: r.clock_rate,
     };
     Ok((request, spec))
@@ -374,6 +375,7 @@ pub fn channel_to_pb(v: &ChannelView) -> pb::Channel {
             from_b: Some(dir(1)),
         }),
         clock_rate,
+        latch_any_payload: !v.channel.latching.media_only(),
     }
 }
 

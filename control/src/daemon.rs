@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use relay_core::Allocator;
+use relay_core::{Allocator, HostAddresses as _};
 use relay_store::Store;
 use relay_user::{Relay, RelayOptions};
 
 use crate::config::{Config, LayoutName};
+use crate::host::HostTable;
 use crate::metrics::Metrics;
 use crate::service::{Dataplane, Queue, Service, ServiceOptions, ServiceParts};
 
@@ -35,6 +36,7 @@ pub struct DaemonBuilder<'a> {
     seed: Option<u64>,
     start_relay: Option<RelayStarter<'a>>,
     dataplane: Option<Arc<dyn Dataplane>>,
+    host: Option<Arc<HostTable>>,
 }
 
 impl std::fmt::Debug for DaemonBuilder<'_> {
@@ -55,6 +57,7 @@ impl<'a> DaemonBuilder<'a> {
             seed: None,
             start_relay: None,
             dataplane: None,
+            host: None,
         }
     }
 
@@ -77,6 +80,13 @@ impl<'a> DaemonBuilder<'a> {
         start: impl FnOnce(RelayOptions) -> anyhow::Result<Relay> + Send + 'a,
     ) -> DaemonBuilder<'a> {
         self.start_relay = Some(Box::new(start));
+        self
+    }
+
+    /// Checks addresses against `host` instead of the calling process's namespace (a test
+    /// whose relay runs in another namespace than the control plane).
+    pub fn host_addresses(mut self, host: HostTable) -> DaemonBuilder<'a> {
+        self.host = Some(Arc::new(host));
         self
     }
 
@@ -109,6 +119,21 @@ impl<'a> DaemonBuilder<'a> {
         } else {
             None
         };
+        // The relay sends from its relay addresses: they must be the host's own.
+        let host = self.host.unwrap_or_else(|| Arc::new(HostTable::new()));
+        for (key, addr) in [
+            ("relay.internet_address", config.relay.internet_address),
+            ("relay.lan_address", config.relay.lan_address),
+        ] {
+            if let Some(addr) = addr
+                && !host.is_local(addr)
+            {
+                anyhow::bail!(
+                    "{key} = {addr} is not an address of this host (see `ip -4 address`): the \
+                     relay could not send from it"
+                );
+            }
+        }
         let queue = Queue::default();
         let (relay, dataplane): (Option<Arc<Relay>>, Arc<dyn Dataplane>) = match self.dataplane {
             Some(dp) => (None, dp),
@@ -141,6 +166,8 @@ impl<'a> DaemonBuilder<'a> {
                     relay_addresses: config.relay_addresses(),
                     event_buffer: config.events.buffer,
                     layout_name: layout_name.name(),
+                    host,
+                    allow_local_peers: config.relay.allow_local_peers,
                 },
                 metrics: self.metrics,
                 store,

@@ -895,6 +895,7 @@ async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::R
             timeout: None,
             latching: None,
             clock_rate: 0,
+            latch_any_payload: false,
         }),
     )
     .await?;

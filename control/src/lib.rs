@@ -15,6 +15,7 @@ pub mod convert;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod host;
 pub mod metrics;
 pub mod notify;
 pub mod persist;

@@ -34,7 +34,15 @@ pub struct StoredChannel {
     pub allocated_unix_ms: u64,
     pub legs: [StoredLeg; 2],
     pub latching: StoredLatching,
+    /// [`ChannelSpec::latch_any_payload`]. Absent from records written before media-only
+    /// latching existed, whose channels latched on any payload: read as `true`.
+    #[serde(default = "any_payload_before_it_was_recorded")]
+    pub latch_any_payload: bool,
     pub clock_rate: u32,
+}
+
+fn any_payload_before_it_was_recorded() -> bool {
+    true
 }
 
 /// One leg as requested (not as learnt: the data path keeps what it learnt).
@@ -106,6 +114,7 @@ impl StoredChannel {
                     silence_ms: ms(silence),
                 },
             },
+            latch_any_payload: spec.latch_any_payload,
             clock_rate: spec.clock_rate,
         }
     }
@@ -167,6 +176,7 @@ impl StoredChannel {
                     silence: Duration::from_millis(silence_ms),
                 },
             },
+            latch_any_payload: self.latch_any_payload,
             clock_rate: self.clock_rate,
         }
     }
@@ -227,6 +237,7 @@ mod tests {
                     },
                 ],
                 latching,
+                latch_any_payload: false,
                 clock_rate: 48_000,
             };
             let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
@@ -254,5 +265,16 @@ mod tests {
         ));
         assert!(StoredChannel::from_json("{\"version\":1}").is_err());
         assert!(StoredChannel::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn a_record_from_before_media_only_latching_keeps_latching_on_any_payload() {
+        let spec = ChannelSpec::default();
+        let stored = StoredChannel::new(&info(), &spec, SystemTime::now());
+        let mut json: serde_json::Value = serde_json::from_str(&stored.to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("latch_any_payload");
+        let back = StoredChannel::from_json(&json.to_string()).unwrap();
+        assert!(back.spec().latch_any_payload);
+        assert!(!stored.spec().latch_any_payload);
     }
 }

@@ -47,7 +47,8 @@ use relay_core::allocator::{
     check_timeout,
 };
 use relay_core::{
-    ChannelSpec, ChannelState, EventKind, LatchingPolicy, LegSpec, ReleaseReason, build_channel,
+    ChannelSpec, ChannelState, EventKind, HostAddresses, LatchingPolicy, LegSpec, ReleaseReason,
+    SpecError, build_channel,
 };
 
 use relay_store::{ChannelOp, ChannelRow, Store};
@@ -229,7 +230,7 @@ pub struct Instance {
 }
 
 /// Settings of the service that are not the allocator's.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ServiceOptions {
     /// Relay addresses of legs A and B when a request names none.
     pub relay_addresses: [Option<Ipv4Addr>; 2],
@@ -237,6 +238,22 @@ pub struct ServiceOptions {
     pub event_buffer: usize,
     /// Name of the layout, for the pool status.
     pub layout_name: &'static str,
+    /// The host's addresses: a request's relay address must be one, a peer must not.
+    pub host: Arc<dyn HostAddresses + Send + Sync>,
+    /// Let peers be on loopback or at the host's own addresses (`relay.allow_local_peers`, for
+    /// labs where everything runs on one machine).
+    pub allow_local_peers: bool,
+}
+
+impl std::fmt::Debug for ServiceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceOptions")
+            .field("relay_addresses", &self.relay_addresses)
+            .field("event_buffer", &self.event_buffer)
+            .field("layout_name", &self.layout_name)
+            .field("allow_local_peers", &self.allow_local_peers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServiceOptions {
@@ -245,7 +262,17 @@ impl Default for ServiceOptions {
             relay_addresses: [None, None],
             event_buffer: 4096,
             layout_name: "s",
+            host: Arc::new(crate::host::HostTable::new()),
+            allow_local_peers: false,
         }
+    }
+}
+
+impl ServiceOptions {
+    /// Validates `spec` and checks its addresses against the host's.
+    fn check(&self, spec: &ChannelSpec) -> Result<(), SpecError> {
+        spec.validate()?;
+        spec.check_addresses(self.host.as_ref(), self.allow_local_peers)
     }
 }
 
@@ -555,7 +582,7 @@ impl Service {
         request: Request,
         spec: ChannelSpec,
     ) -> Result<(ChannelView, bool), ServiceError> {
-        spec.validate()?;
+        self.inner.options.check(&spec)?;
         self.call(|reply| Msg::Allocate {
             request,
             spec,
@@ -1176,7 +1203,7 @@ impl Owner {
         if let Some(c) = update.clock_rate {
             spec.clock_rate = c;
         }
-        spec.validate()?;
+        self.options.check(&spec)?;
         // Legs not replaced keep what the data path learnt: it merges them itself, so a latch
         // between a read here and the write could not be lost.
         let channel = build_channel(&spec, port, &self.options.relay_addresses);

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Setup, TestServer, allocate_request, by_port, peer, recv, udp_port_free, within};
+use common::{
+    Setup, TestServer, allocate_request, by_port, peer, recv, rtp, udp_port_free, within,
+};
 use proto::v1 as pb;
 use proto::v1::channel_service_client::ChannelServiceClient;
 use tonic::Code;
@@ -246,12 +248,15 @@ async fn media_latches_and_release_returns_the_final_stats() {
 
     // Three packets home → office, two back.
     for i in 0..3u8 {
-        home.send_to(&[i; 100], ("127.0.0.1", port)).expect("send");
+        home.send_to(&rtp(i, 100), ("127.0.0.1", port))
+            .expect("send");
         let (data, from) = recv(&office);
         assert_eq!((data.len(), from.port()), (100, port));
     }
     for i in 0..2u8 {
-        office.send_to(&[i; 60], ("127.0.0.1", port)).expect("send");
+        office
+            .send_to(&rtp(i, 60), ("127.0.0.1", port))
+            .expect("send");
         let (data, from) = recv(&home);
         assert_eq!((data.len(), from.port()), (60, port));
     }
@@ -369,7 +374,8 @@ async fn idle_channels_time_out_and_active_ones_do_not() {
     let port = u16::try_from(active.port).expect("port");
     let feed = tokio::task::spawn_blocking(move || {
         for i in 0..90u8 {
-            home.send_to(&[i; 20], ("127.0.0.1", port)).expect("send");
+            home.send_to(&rtp(i, 20), ("127.0.0.1", port))
+                .expect("send");
             std::thread::sleep(Duration::from_millis(20));
         }
     });

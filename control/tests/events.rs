@@ -63,14 +63,14 @@ async fn every_watcher_sees_allocated_then_latched_then_released() {
             at.set_read_timeout(Some(common::WAIT)).expect("timeout");
             let home = UdpSocket::bind((Ipv4Addr::LOCALHOST, 43601 + 2 * i)).expect("bind home");
             let relayed = tokio::task::spawn_blocking(move || {
-                home.send_to(b"first", (Ipv4Addr::LOCALHOST, port))
+                home.send_to(&common::rtp(1, 12), (Ipv4Addr::LOCALHOST, port))
                     .expect("send");
                 let mut buf = [0u8; 64];
                 at.recv_from(&mut buf).expect("relayed").0
             })
             .await
             .expect("join");
-            assert_eq!(relayed, 5);
+            assert_eq!(relayed, 12);
             service
                 .release(ChannelRef::Port(port))
                 .await

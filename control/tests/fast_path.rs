@@ -10,6 +10,7 @@ use std::sync::Arc;
 use common::within;
 use control::config::LayoutName;
 use control::daemon::DaemonBuilder;
+use control::host::HostTable;
 use control::service::{Latch, Watcher};
 use relay_common::LEG_A;
 use relay_core::allocator::{Kind, Request};
@@ -60,13 +61,25 @@ async fn relay_through(
         at.set_read_timeout(Some(common::WAIT)).expect("timeout");
         let mut buf = [0u8; 256];
         for i in 0..n {
-            from.send_to(&i.to_be_bytes(), to).expect("send");
+            // RTP (a source latches only with RTP or RTCP) numbered `i`.
+            let packet = common::rtp(i as u8, 16 + (i as usize % 64));
+            from.send_to(&packet, to).expect("send");
             let (len, src) = at.recv_from(&mut buf).expect("relayed within the timeout");
-            assert_eq!((&buf[..len], src), (&i.to_be_bytes()[..], expect_from));
+            assert_eq!((&buf[..len], src), (&packet[..], expect_from));
         }
     }))
     .await
     .expect("join");
+}
+
+/// The relay namespace's addresses (the daemon runs here, its relay there).
+fn relay_host(tb: &Testbed) -> HostTable {
+    let ns = tb.ns(Host::Relay).to_owned();
+    HostTable::with_reader(Box::new(move || {
+        netns::run_in_named(&ns, if_addrs::get_if_addrs)
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,6 +93,7 @@ async fn latching_moves_the_channel_to_the_fast_path_and_the_watch_stream_says_s
     let daemon = DaemonBuilder::new(config)
         .seed(3)
         .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .host_addresses(relay_host(&tb))
         .build()
         .expect("the daemon with its fast path");
     let service = daemon.service;
@@ -255,6 +269,7 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     let first = DaemonBuilder::new(config.clone())
         .seed(5)
         .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .host_addresses(relay_host(&tb))
         .build()
         .expect("first daemon");
     let service = first.service;
@@ -307,6 +322,8 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
         DaemonBuilder::new(config.clone())
             .seed(6)
             .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+            .host_addresses(relay_host(&tb))
+            .host_addresses(relay_host(&tb))
             .build()
     })
     .expect("second daemon");

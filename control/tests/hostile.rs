@@ -1,6 +1,7 @@
 //! Hostile and broken API clients against a real server on loopback: oversized requests,
 //! unbounded filters, too many connections, silent TLS clients, shutdown with many open
-//! streams, and credentials rotated while the server runs. Relay ports 42400–42499.
+//! streams, credentials rotated while the server runs, and channels naming addresses that would
+//! turn the relay on itself. Relay ports 42400–42499.
 mod common;
 
 use std::io::Read as _;
@@ -601,4 +602,45 @@ async fn shutdown_closes_requests_still_open_after_the_grace_period() {
     server.stop().await;
     while let Ok(Some(_)) = within(responses.message()).await {}
     drop(requests);
+}
+
+#[tokio::test]
+async fn addresses_that_would_turn_the_relay_on_itself_are_refused() {
+    let mut setup = Setup::new(42490, 42499);
+    setup.allow_local_peers = false;
+    let server = TestServer::start(setup).await;
+    let mut client = ChannelServiceClient::connect(server.url.clone())
+        .await
+        .expect("connect");
+    let leg = |rtp: &str, relay: &str| {
+        Some(pb::LegSpec {
+            rtp_address: rtp.into(),
+            relay_address: relay.into(),
+            ..Default::default()
+        })
+    };
+    // (leg B, the field the refusal must name)
+    let refused = [
+        (leg("127.0.0.1:43990", ""), "leg_b.rtp_address"),
+        (leg("224.0.0.1:5004", ""), "leg_b.rtp_address"),
+        (leg("255.255.255.255:5004", ""), "leg_b.rtp_address"),
+        (leg("0.1.2.3:5004", ""), "leg_b.rtp_address"),
+        // TEST-NET-3 is never an address of the machine running the tests.
+        (leg("", "203.0.113.77"), "leg_b.relay_address"),
+    ];
+    for (i, (leg_b, field)) in refused.into_iter().enumerate() {
+        let mut r = allocate_request(&format!("refused-{i}"), pb::ChannelKind::SipDevice);
+        r.leg_b = leg_b;
+        let status = client.allocate(r).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+    // Nothing was allocated; a peer at another host and a relay address of this host work.
+    let mut r = allocate_request("accepted", pb::ChannelKind::SipDevice);
+    r.leg_b = leg("192.0.2.10:6000", "127.0.0.1");
+    let ch = client.allocate(r).await.expect("allocate").into_inner();
+    assert!(ch.created);
+    let pool = server.service.pool().await.expect("pool");
+    assert_eq!(pool.status.in_use, 1, "{pool:?}");
+    server.stop().await;
 }

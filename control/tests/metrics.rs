@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{WAIT, allocate_request, by_port, peer, recv, within};
+use common::{WAIT, allocate_request, by_port, peer, recv, rtp, within};
 use control::daemon::DaemonBuilder;
 use control::metrics::{self, CounterSource, Exporter, Metrics, names};
 use control::server::{self, Security};
@@ -396,15 +396,18 @@ async fn a_scrape_after_activity_has_every_series_and_passes_promtool() {
     // Media: three packets home → office (the first latches the home device), two back, and
     // one from a stranger, dropped once both legs are latched.
     for i in 0..3u8 {
-        home.send_to(&[i; 100], ("127.0.0.1", port)).expect("send");
+        home.send_to(&rtp(i, 100), ("127.0.0.1", port))
+            .expect("send");
         assert_eq!(recv(&office).0.len(), 100);
     }
     for i in 0..2u8 {
-        office.send_to(&[i; 60], ("127.0.0.1", port)).expect("send");
+        office
+            .send_to(&rtp(i, 60), ("127.0.0.1", port))
+            .expect("send");
         assert_eq!(recv(&home).0.len(), 60);
     }
     stranger
-        .send_to(&[9; 40], ("127.0.0.1", port))
+        .send_to(&rtp(9, 40), ("127.0.0.1", port))
         .expect("send");
 
     client

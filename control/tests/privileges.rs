@@ -337,9 +337,11 @@ fn relay_through(
     at.set_read_timeout(Some(WAIT)).expect("timeout");
     let mut buf = [0u8; 256];
     for i in 0..n {
-        from.send_to(&i.to_be_bytes(), to).expect("send");
+        // RTP (a source latches only with RTP or RTCP) numbered `i`.
+        let packet = common::rtp(i as u8, 16 + (i as usize % 64));
+        from.send_to(&packet, to).expect("send");
         let (len, src) = at.recv_from(&mut buf).expect("relayed within the timeout");
-        assert_eq!((&buf[..len], src), (&i.to_be_bytes()[..], expect_from));
+        assert_eq!((&buf[..len], src), (&packet[..], expect_from));
     }
 }
 

@@ -287,8 +287,10 @@ impl LatchMode {
 pub struct Latching {
     /// A [`LatchMode`] as `u8`.
     pub mode: u8,
+    /// `LATCH_*` bits.
+    pub flags: u8,
     /// Must be zero.
-    pub reserved: [u8; 3],
+    pub reserved: [u8; 2],
     /// `After`: packets from a new source before it latches (0 = no packet criterion).
     pub packets: u32,
     /// `After`: milliseconds from a new source's first packet until it latches (0 = no time
@@ -302,16 +304,32 @@ impl Latching {
     pub const fn mode(&self) -> LatchMode {
         LatchMode::from_raw(self.mode)
     }
-    /// A policy with `mode` and its parameters.
+    /// A policy with `mode` and its parameters (any payload may latch).
     pub const fn new(mode: LatchMode, packets: u32, duration_ms: u32) -> Self {
         Self {
             mode: mode as u8,
-            reserved: [0; 3],
+            flags: 0,
+            reserved: [0; 2],
             packets,
             duration_ms,
         }
     }
+    /// This policy with `LATCH_*` bits `flags` set.
+    pub const fn with_flags(mut self, flags: u8) -> Self {
+        self.flags |= flags;
+        self
+    }
+    /// Whether only packets that parse as RTP or RTCP version 2 may latch a source.
+    #[inline(always)]
+    pub const fn media_only(&self) -> bool {
+        self.flags & LATCH_MEDIA_ONLY != 0
+    }
 }
+
+/// [`Latching::flags`]: a source latches only with a packet that parses as RTP or RTCP version
+/// 2 (RFC 3550; on the RTP port either, as with RTCP multiplexing, RFC 5761); anything else from
+/// a source not latched yet is dropped. Packets from a latched source are not inspected.
+pub const LATCH_MEDIA_ONLY: u8 = 1;
 
 /// [`Channel::flags`]: user space handles this channel alone (the fast path passes its
 /// packets up), e.g. while the control plane changes it.
@@ -478,10 +496,14 @@ pub enum Counter {
     /// Dropped: the egress interface left the device map between lookup and redirect, after
     /// the packet was rewritten (passing it up would inject a wrong packet into the stack).
     DropRedirectFailed,
+    /// Passed up: from a latched source, but not addressed to the relay address its leg talks
+    /// to (transit traffic through a routing host, or a leg without a relay address). Last in
+    /// the enum so the older counters keep their indices.
+    PassNotRelayAddress,
 }
 
 /// Number of [`Counter`]s (capacity of [`COUNTERS_MAP`]).
-pub const COUNTER_COUNT: u32 = Counter::DropRedirectFailed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PassNotRelayAddress as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -503,6 +525,7 @@ impl Counter {
         Counter::PassEgressUnavailable,
         Counter::PassNoConfig,
         Counter::DropRedirectFailed,
+        Counter::PassNotRelayAddress,
     ];
 
     /// A stable lowercase name, used as a metric label.
@@ -525,6 +548,7 @@ impl Counter {
             Counter::PassEgressUnavailable => "egress_unavailable",
             Counter::PassNoConfig => "no_config",
             Counter::DropRedirectFailed => "redirect_failed",
+            Counter::PassNotRelayAddress => "not_relay_address",
         }
     }
 

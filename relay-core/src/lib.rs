@@ -19,5 +19,6 @@ pub use allocator::{
 };
 pub use names::{ChannelState, EventKind, ReleaseReason};
 pub use spec::{
-    ChannelSpec, LatchingPolicy, LegSpec, MAX_LATCH_DURATION, SpecError, build_channel,
+    ChannelSpec, HostAddresses, LatchingPolicy, LegSpec, MAX_LATCH_DURATION, SpecError,
+    build_channel,
 };

@@ -86,8 +86,21 @@ pub struct ChannelSpec {
     /// Leg A ([`relay_common::LEG_A`]) and leg B ([`relay_common::LEG_B`]).
     pub legs: [LegSpec; 2],
     pub latching: LatchingPolicy,
+    /// Let any payload latch a source; `false` (the default): only RTP or RTCP version 2 may
+    /// (`relay_common::LATCH_MEDIA_ONLY`). A channel whose peers speak something else before
+    /// their media (DTLS-SRTP's handshake, ICE checks) needs `true`.
+    pub latch_any_payload: bool,
     /// RTP clock rate in Hz for jitter; 0 = 8000 (G.711).
     pub clock_rate: u32,
+}
+
+/// What the host knows about its own addresses, for [`ChannelSpec::check_addresses`]
+/// (the shell reads them from the kernel).
+pub trait HostAddresses {
+    /// Whether `ip` is an address of this host (of any interface, loopback included).
+    fn is_local(&self, ip: Ipv4Addr) -> bool;
+    /// Whether `ip` is the directed broadcast address of one of the host's subnets.
+    fn is_broadcast(&self, ip: Ipv4Addr) -> bool;
 }
 
 /// The API names of legs A and B.
@@ -170,6 +183,73 @@ impl ChannelSpec {
     }
 }
 
+impl ChannelSpec {
+    /// The latching policy as the data path stores it, flags included.
+    pub fn data_path_latching(&self) -> Latching {
+        let latching = self.latching.to_latching();
+        if self.latch_any_payload {
+            latching
+        } else {
+            latching.with_flags(relay_common::LATCH_MEDIA_ONLY)
+        }
+    }
+
+    /// Checks the spec's addresses against the host's: a relay address must be one of the
+    /// host's (no spoofed sources), and a peer must be a unicast address of another host —
+    /// never loopback, multicast, broadcast, `0.0.0.0/8` or the host's own (which would make
+    /// the relay send to itself or flood a subnet). `allow_local_peers` (a lab setting) allows
+    /// loopback and the host's own addresses. Call after [`ChannelSpec::validate`].
+    pub fn check_addresses(
+        &self,
+        host: &dyn HostAddresses,
+        allow_local_peers: bool,
+    ) -> Result<(), SpecError> {
+        for (leg, field) in self.legs.iter().zip(LEG_FIELDS) {
+            if let Some(relay) = leg.relay_addr
+                && !host.is_local(relay)
+            {
+                return Err(SpecError::new(
+                    format!("{field}.relay_address"),
+                    format!("{relay} is not an address of this host"),
+                ));
+            }
+            for (addr, name) in [(leg.rtp, "rtp_address"), (leg.rtcp, "rtcp_address")] {
+                let Some(ip) = addr.and_then(|a| match a.ip().to_canonical() {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                }) else {
+                    continue;
+                };
+                let why = if ip.is_multicast() {
+                    Some("a multicast address")
+                } else if ip.is_broadcast() || host.is_broadcast(ip) {
+                    Some("a broadcast address")
+                } else if ip.octets()[0] == 0 {
+                    Some("in 0.0.0.0/8 (\"this network\", RFC 1122)")
+                } else if allow_local_peers {
+                    None
+                } else if ip.is_loopback() {
+                    Some("a loopback address (relay.allow_local_peers allows it for labs)")
+                } else if host.is_local(ip) {
+                    Some(
+                        "an address of this host: the relay would send to itself \
+                         (relay.allow_local_peers allows it for labs)",
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(SpecError::new(
+                        format!("{field}.{name}"),
+                        format!("{ip} is {why}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn is_ipv4(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(_) => true,
@@ -239,7 +319,7 @@ pub fn build_channel(
             ..Leg::default()
         };
     }
-    channel.latching = spec.latching.to_latching();
+    channel.latching = spec.data_path_latching();
     channel.clock_rate = spec.clock_rate;
     channel
 }
@@ -276,6 +356,7 @@ mod tests {
                 },
             ],
             latching: LatchingPolicy::FirstPacket,
+            latch_any_payload: false,
             clock_rate: 0,
         };
         let defaults = [
@@ -308,6 +389,7 @@ mod tests {
         let mut spec = ChannelSpec {
             legs: [leg("203.0.113.7:40000"), leg("192.0.2.10:6000")],
             latching: LatchingPolicy::Strict,
+            latch_any_payload: false,
             clock_rate: 48_000,
         };
         spec.validate().expect("valid");
@@ -324,7 +406,10 @@ mod tests {
             duration: Duration::from_millis(1500),
         };
         let ch = build_channel(&spec, 30530, &[None, None]);
-        assert_eq!(ch.latching, Latching::new(LatchMode::After, 3, 1500));
+        assert_eq!(
+            ch.latching,
+            Latching::new(LatchMode::After, 3, 1500).with_flags(relay_common::LATCH_MEDIA_ONLY)
+        );
         assert!(!ch.legs[0].rtp.is_latched());
         // Validation: strict needs both addresses, handover a silence, rates are bounded.
         spec.latching = LatchingPolicy::Strict;
@@ -405,6 +490,7 @@ mod tests {
             let spec = ChannelSpec {
                 legs: [LegSpec::default(), b],
                 latching: LatchingPolicy::FirstPacket,
+                latch_any_payload: false,
                 clock_rate: 0,
             };
             let e = spec.validate().expect_err(message);
@@ -417,11 +503,103 @@ mod tests {
                 LegSpec::default(),
             ],
             latching: LatchingPolicy::FirstPacket,
+            latch_any_payload: false,
             clock_rate: 0,
         };
         assert!(mapped.validate().is_ok());
         let ch = build_channel(&mapped, 30530, &[None, None]);
         assert_eq!(ch.legs[0].rtp, ep("192.0.2.1:5004", true));
         assert!(ch.legs[0].rtp.addr.is_ipv4());
+    }
+
+    /// A host with 192.0.2.1/24 and 198.51.100.1/25 (and loopback).
+    struct Host;
+    impl HostAddresses for Host {
+        fn is_local(&self, ip: Ipv4Addr) -> bool {
+            ip.is_loopback() || [[192, 0, 2, 1], [198, 51, 100, 1]].contains(&ip.octets())
+        }
+        fn is_broadcast(&self, ip: Ipv4Addr) -> bool {
+            [[192, 0, 2, 255], [198, 51, 100, 127]].contains(&ip.octets())
+        }
+    }
+
+    #[test]
+    fn addresses_are_checked_against_the_host() {
+        let spec = |leg_b: LegSpec| ChannelSpec {
+            legs: [LegSpec::default(), leg_b],
+            ..ChannelSpec::default()
+        };
+        let peer = |a: &str| LegSpec {
+            rtp: Some(sa(a)),
+            ..LegSpec::default()
+        };
+        let relay = |a: [u8; 4]| LegSpec {
+            relay_addr: Some(Ipv4Addr::from(a)),
+            ..LegSpec::default()
+        };
+        // (leg B, allow local peers, the field at fault if refused)
+        let table: &[(LegSpec, bool, Option<&str>)] = &[
+            (peer("203.0.113.7:5004"), false, None),
+            (peer("192.0.2.10:5004"), false, None),
+            (relay([192, 0, 2, 1]), false, None),
+            (relay([192, 0, 2, 99]), false, Some("leg_b.relay_address")),
+            (relay([127, 0, 0, 1]), false, None),
+            (peer("127.0.0.1:5004"), false, Some("leg_b.rtp_address")),
+            (peer("127.0.0.1:5004"), true, None),
+            (
+                peer("[::ffff:127.0.0.9]:5004"),
+                false,
+                Some("leg_b.rtp_address"),
+            ),
+            (peer("192.0.2.1:5004"), false, Some("leg_b.rtp_address")),
+            (peer("192.0.2.1:5004"), true, None),
+            (peer("224.0.0.1:5004"), true, Some("leg_b.rtp_address")),
+            (peer("239.1.2.3:5004"), false, Some("leg_b.rtp_address")),
+            (
+                peer("255.255.255.255:5004"),
+                true,
+                Some("leg_b.rtp_address"),
+            ),
+            (peer("192.0.2.255:5004"), true, Some("leg_b.rtp_address")),
+            (
+                peer("198.51.100.127:5004"),
+                false,
+                Some("leg_b.rtp_address"),
+            ),
+            (peer("0.1.2.3:5004"), true, Some("leg_b.rtp_address")),
+            (
+                LegSpec {
+                    rtp: Some(sa("203.0.113.7:5004")),
+                    rtcp: Some(sa("224.0.0.5:5005")),
+                    ..LegSpec::default()
+                },
+                false,
+                Some("leg_b.rtcp_address"),
+            ),
+        ];
+        for (i, (leg, allow, fault)) in table.iter().enumerate() {
+            let got = spec(leg.clone()).check_addresses(&Host, *allow);
+            assert_eq!(
+                got.as_ref().err().map(|e| e.field.as_str()),
+                *fault,
+                "row {i}: {got:?}"
+            );
+        }
+        let e = spec(peer("127.0.0.1:5004"))
+            .check_addresses(&Host, false)
+            .expect_err("loopback");
+        assert!(e.reason.contains("relay.allow_local_peers"), "{e}");
+    }
+
+    #[test]
+    fn channels_latch_only_on_media_unless_asked_otherwise() {
+        let relay = [None, None];
+        let ch = build_channel(&ChannelSpec::default(), 30528, &relay);
+        assert!(ch.latching.media_only());
+        let any = ChannelSpec {
+            latch_any_payload: true,
+            ..ChannelSpec::default()
+        };
+        assert!(!build_channel(&any, 30528, &relay).latching.media_only());
     }
 }

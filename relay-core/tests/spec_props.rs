@@ -70,11 +70,14 @@ fn spec() -> impl Strategy<Value = ChannelSpec> {
         1 => Just(MAX_CLOCK_RATE + 1),
         4 => any::<u32>(),
     ];
-    (leg(), leg(), policy(), clock_rate).prop_map(|(a, b, latching, clock_rate)| ChannelSpec {
-        legs: [a, b],
-        latching,
-        clock_rate,
-    })
+    (leg(), leg(), policy(), clock_rate, any::<bool>()).prop_map(
+        |(a, b, latching, clock_rate, latch_any_payload)| ChannelSpec {
+            legs: [a, b],
+            latching,
+            latch_any_payload,
+            clock_rate,
+        },
+    )
 }
 
 /// The data path's form of a peer address of a valid spec (IPv4, maybe IPv4-mapped).
@@ -124,7 +127,7 @@ proptest! {
             return Ok(());
         }
 
-        prop_assert_eq!(channel.latching, spec.latching.to_latching());
+        prop_assert_eq!(channel.latching, spec.data_path_latching());
         prop_assert_eq!(channel.clock_rate, spec.clock_rate);
         prop_assert_eq!(channel.flags, 0);
         for ((got, want), default) in channel.legs.iter().zip(&spec.legs).zip(defaults) {

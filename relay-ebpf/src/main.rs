@@ -217,6 +217,19 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     } else {
         return Err(Counter::PassUnknownSource);
     };
+    // Only the relay's own traffic: the packet must be addressed to the relay address its
+    // leg talks to. On a host that routes, a transit packet to some other host's port in the
+    // relay range must go on its way, not be taken (and a leg without a relay address is
+    // user space's). Compared raw, in network order.
+    let from_leg = &channel.legs[from];
+    // SAFETY: inside the checked IPv4 header (see above).
+    let daddr = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+    if !from_leg.local_addr.is_ipv4()
+        || from_leg.local_addr.is_unspecified()
+        || from_leg.local_addr.ipv4_raw() != daddr
+    {
+        return Err(Counter::PassNotRelayAddress);
+    }
     let to_leg = &channel.legs[1 - from];
     let to = endpoint(to_leg, rtcp);
     let payload_len = usize::from(udp_len) - UdpHdr::LEN;
@@ -255,7 +268,7 @@ fn relay(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
         (*eth).src_addr = smac;
 
         let old_saddr = saddr;
-        let old_daddr = u32::from_ne_bytes((*ip).dst_addr);
+        let old_daddr = daddr;
         let old_ttl_proto = u16::from_ne_bytes([(*ip).ttl, (*ip).proto]);
         let new_ttl_proto = u16::from_ne_bytes([config.ttl, (*ip).proto]);
         let addr_diff = neg_words32(old_saddr)

@@ -31,7 +31,7 @@
 //!
 //! Everything but the first step (a latched source) needs state or a clock, so the XDP fast
 //! path forwards only latched → latched and passes the rest up to this rule.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use relay_common::{Channel, Endpoint, LEG_A, LEG_B, LatchMode};
 
@@ -91,15 +91,23 @@ pub enum DropReason {
     /// An After channel is still learning this source (fewer packets or less time than the
     /// policy asks).
     Learning,
+    /// Not addressed to the relay address of the leg it comes from: transit traffic, or a
+    /// peer sending to another of the host's addresses.
+    NotRelayAddress,
+    /// From a source not latched yet, on a media-only channel, and not RTP or RTCP version 2:
+    /// it may not latch.
+    NotMedia,
 }
 
 impl DropReason {
     /// Every reason, for counters.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::UnknownSource,
         DropReason::Ambiguous,
         DropReason::DestinationUnknown,
         DropReason::Learning,
+        DropReason::NotRelayAddress,
+        DropReason::NotMedia,
     ];
 
     /// A stable lowercase name, used as a metric label.
@@ -109,6 +117,8 @@ impl DropReason {
             DropReason::Ambiguous => "ambiguous_source",
             DropReason::DestinationUnknown => "destination_unknown",
             DropReason::Learning => "learning",
+            DropReason::NotRelayAddress => "not_relay_address",
+            DropReason::NotMedia => "not_media",
         }
     }
 }
@@ -160,8 +170,65 @@ impl LatchState {
     }
 }
 
-/// Applies the forwarding rule to a datagram from `src` that arrived on relay port
-/// `relay_port` at `now_ns` (`CLOCK_MONOTONIC`), latching in `channel` when its policy says so.
+/// A datagram as a relay socket received it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Datagram<'a> {
+    /// Where it came from (the peer as the relay sees it, after any NAT).
+    pub src: SocketAddr,
+    /// The address it was sent to (the IP header's destination, from `IP_PKTINFO`); `None`:
+    /// not known, not checked.
+    pub dst: Option<IpAddr>,
+    /// The UDP payload.
+    pub payload: &'a [u8],
+}
+
+/// Whether `payload`, received on a relay port of `component`, parses as RTP or RTCP version
+/// 2: what a channel with [`relay_common::LATCH_MEDIA_ONLY`] requires of a packet before it
+/// latches its source.
+///
+/// - RTP (RFC 3550 §5.1): version 2, at least the 12-byte fixed header and its CSRC list.
+/// - RTCP (RFC 3550 §6.4, RFC 5761 §4): version 2, a packet type in 192–223, at least the
+///   8-byte header, and a length word that fits the datagram.
+///
+/// On the RTP port either is accepted (RTCP multiplexed on the RTP port, RFC 5761); on the RTCP
+/// port only RTCP.
+pub fn is_media(payload: &[u8], component: Component) -> bool {
+    let rtcp = || {
+        payload.len() >= 8
+            && payload[0] >> 6 == 2
+            && (192..=223).contains(&payload[1])
+            && (usize::from(u16::from_be_bytes([payload[2], payload[3]])) + 1) * 4 <= payload.len()
+    };
+    match component {
+        Component::Rtp => {
+            let rtp = payload.len() >= 12
+                && payload[0] >> 6 == 2
+                && 12 + 4 * usize::from(payload[0] & 0x0f) <= payload.len();
+            rtp || rtcp()
+        }
+        Component::Rtcp => rtcp(),
+    }
+}
+
+/// Whether `leg` may receive a datagram sent to `dst`: it must be addressed to the relay
+/// address the leg talks to. A leg without one (the kernel picks the source address) and a
+/// datagram whose destination is not known are not checked.
+fn addressed_to(leg: &relay_common::Leg, dst: Option<IpAddr>) -> bool {
+    match dst {
+        Some(dst) if !leg.local_addr.is_unspecified() => {
+            IpAddr::from(leg.local_addr).to_canonical() == dst.to_canonical()
+        }
+        _ => true,
+    }
+}
+
+/// Applies the forwarding rule to `dgram`, which arrived on relay port `relay_port` at
+/// `now_ns` (`CLOCK_MONOTONIC`), latching in `channel` when its policy says so.
+///
+/// Before anything is learnt or forwarded, the datagram must be addressed to the relay address
+/// of the leg it comes from ([`DropReason::NotRelayAddress`]), and on a media-only channel a
+/// source latches only with RTP or RTCP ([`is_media`], [`DropReason::NotMedia`]). A dropped
+/// datagram never changes the channel.
 ///
 /// `last_seen(leg)` is the `CLOCK_MONOTONIC` time of the last packet forwarded *from* `leg`
 /// by either data path (0 = never). It is called only for a Handover channel, for a packet
@@ -171,10 +238,11 @@ pub fn decide(
     channel: &mut Channel,
     state: &mut LatchState,
     relay_port: u16,
-    src: SocketAddr,
+    dgram: &Datagram<'_>,
     now_ns: u64,
     mut last_seen: impl FnMut(usize) -> u64,
 ) -> Decision {
+    let src = dgram.src;
     let component = Component::of_port(relay_port);
     let policy = channel.latching;
     let mode = policy.mode();
@@ -185,6 +253,9 @@ pub fn decide(
         let ep = component.endpoint(&channel.legs[i]);
         ep.is_latched() && ep.matches(src)
     }) {
+        Some(i) if !addressed_to(&channel.legs[i], dgram.dst) => {
+            return Decision::Drop(DropReason::NotRelayAddress);
+        }
         Some(i) => i,
         // A source no reply could reach (port 0, or no address) is never learnt: it would
         // make an endpoint that no later packet matches here but that the fast path, which
@@ -199,13 +270,13 @@ pub fn decide(
             let exact = [LEG_A, LEG_B]
                 .into_iter()
                 .find(|&i| unlatched[i] && component.endpoint(&channel.legs[i]).matches(src));
-            let leg = match (exact, unlatched, mode) {
-                (Some(i), _, _) => i,
+            let (leg, handover) = match (exact, unlatched, mode) {
+                (Some(i), _, _) => (i, false),
                 // Strict: nothing but the control plane's addresses.
                 (None, _, LatchMode::Strict) => return Decision::Drop(DropReason::UnknownSource),
                 // 3. Exactly one leg left to learn: this source is its real (NATed) address.
-                (None, [true, false], _) => LEG_A,
-                (None, [false, true], _) => LEG_B,
+                (None, [true, false], _) => (LEG_A, false),
+                (None, [false, true], _) => (LEG_B, false),
                 (None, [true, true], _) => return Decision::Drop(DropReason::Ambiguous),
                 // 4. Both latched: only a Handover channel may move a silent leg.
                 (None, [false, false], LatchMode::Handover) => {
@@ -221,25 +292,34 @@ pub fn decide(
                         state.alive_until_ns[i] = seen.saturating_add(silence_ns);
                         false
                     });
-                    let leg = match silent {
-                        [true, false] => LEG_A,
-                        [false, true] => LEG_B,
+                    match silent {
+                        [true, false] => (LEG_A, true),
+                        [false, true] => (LEG_B, true),
                         [false, false] => return Decision::Drop(DropReason::UnknownSource),
                         [true, true] => return Decision::Drop(DropReason::Ambiguous),
-                    };
-                    // The peer moved: its other component re-learns its new source.
-                    component.other().endpoint_mut(&mut channel.legs[leg]).flags &=
-                        !relay_common::ENDPOINT_LATCHED;
-                    state.alive_until_ns[leg] = 0;
-                    leg
+                    }
                 }
                 (None, [false, false], _) => return Decision::Drop(DropReason::UnknownSource),
             };
+            // Nothing is learnt from a datagram sent elsewhere, or (media only) from one that
+            // is not RTP or RTCP: a stray or crafted packet cannot take a leg.
+            if !addressed_to(&channel.legs[leg], dgram.dst) {
+                return Decision::Drop(DropReason::NotRelayAddress);
+            }
+            if policy.media_only() && !is_media(dgram.payload, component) {
+                return Decision::Drop(DropReason::NotMedia);
+            }
             if exact.is_none()
                 && mode == LatchMode::After
                 && !learnt(state, leg, component, src, now_ns, policy)
             {
                 return Decision::Drop(DropReason::Learning);
+            }
+            if handover {
+                // The peer moved: its other component re-learns its new source.
+                component.other().endpoint_mut(&mut channel.legs[leg]).flags &=
+                    !relay_common::ENDPOINT_LATCHED;
+                state.alive_until_ns[leg] = 0;
             }
             *component.endpoint_mut(&mut channel.legs[leg]) = Endpoint::new(src, true);
             latched = true;
@@ -304,9 +384,27 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// The rule for a datagram from `src` whose destination is not known (not checked) and
+    /// whose payload is empty (the channels here latch any payload).
+    fn rule(
+        ch: &mut Channel,
+        st: &mut LatchState,
+        port: u16,
+        src: SocketAddr,
+        now: u64,
+        last_seen: impl FnMut(usize) -> u64,
+    ) -> Decision {
+        let dgram = Datagram {
+            src,
+            dst: None,
+            payload: &[],
+        };
+        super::decide(ch, st, port, &dgram, now, last_seen)
+    }
+
     /// The rule for policies that need no state or clock.
     fn decide(ch: &mut Channel, port: u16, src: SocketAddr) -> Decision {
-        super::decide(ch, &mut LatchState::default(), port, src, MS, |_| {
+        rule(ch, &mut LatchState::default(), port, src, MS, |_| {
             panic!("only Handover looks at last-seen times")
         })
     }
@@ -415,7 +513,7 @@ mod tests {
         ch.latching = Latching::new(LatchMode::Handover, 0, 1);
         ch.legs[LEG_A].rtp = Endpoint::new(sa("198.51.100.20:40000"), true);
         let before = ch;
-        let d = super::decide(
+        let d = rule(
             &mut ch,
             &mut LatchState::default(),
             30528,
@@ -475,9 +573,7 @@ mod tests {
         let mut st = LatchState::default();
         let nat = sa("198.51.100.20:40007");
         let spoof = sa("198.51.100.66:1234");
-        let mut d = |ch: &mut Channel, src, t| {
-            super::decide(ch, &mut st, 30528, src, t, |_| unreachable!())
-        };
+        let mut d = |ch: &mut Channel, src, t| rule(ch, &mut st, 30528, src, t, |_| unreachable!());
         assert_eq!(d(&mut ch, nat, MS), Decision::Drop(DropReason::Learning));
         assert_eq!(
             d(&mut ch, nat, 2 * MS),
@@ -512,7 +608,7 @@ mod tests {
             Decision::Drop(DropReason::UnknownSource)
         );
         // RTCP learns on its own (its first packet starts its own count).
-        let r = super::decide(
+        let r = rule(
             &mut ch,
             &mut st,
             30529,
@@ -529,7 +625,7 @@ mod tests {
         ch.latching = Latching::new(LatchMode::After, 0, 100);
         let mut st = LatchState::default();
         let nat = sa("198.51.100.20:40007");
-        let mut d = |ch: &mut Channel, t| super::decide(ch, &mut st, 30528, nat, t, |_| 0);
+        let mut d = |ch: &mut Channel, t| rule(ch, &mut st, 30528, nat, t, |_| 0);
         assert_eq!(d(&mut ch, 1_000 * MS), Decision::Drop(DropReason::Learning));
         assert_eq!(d(&mut ch, 1_099 * MS), Decision::Drop(DropReason::Learning));
         assert!(matches!(
@@ -596,17 +692,17 @@ mod tests {
         };
         // 1.2 s: nobody silent for 500 ms yet — an injection attempt.
         assert_eq!(
-            super::decide(&mut ch, &mut st, 30528, moved, 1_200 * MS, seen),
+            rule(&mut ch, &mut st, 30528, moved, 1_200 * MS, seen),
             Decision::Drop(DropReason::UnknownSource)
         );
         // Until 1.5 s the lookup is not repeated.
         assert_eq!(
-            super::decide(&mut ch, &mut st, 30528, moved, 1_300 * MS, seen),
+            rule(&mut ch, &mut st, 30528, moved, 1_300 * MS, seen),
             Decision::Drop(DropReason::UnknownSource)
         );
         assert_eq!(lookups.get(), 2, "one lookup per leg, then cached");
         // 1.6 s: home silent for 600 ms, office for 0 — the home phone moved.
-        let d = super::decide(&mut ch, &mut st, 30528, moved, 1_600 * MS, seen);
+        let d = rule(&mut ch, &mut st, 30528, moved, 1_600 * MS, seen);
         assert_eq!(
             d,
             Decision::Forward {
@@ -620,7 +716,7 @@ mod tests {
         // Its RTCP re-learns: unlatched, the old address kept as the expected one.
         assert!(!ch.legs[LEG_A].rtcp.is_latched());
         assert!(ch.legs[LEG_A].rtcp.matches(sa("198.51.100.20:40008")));
-        let r = super::decide(
+        let r = rule(
             &mut ch,
             &mut st,
             30529,
@@ -638,7 +734,7 @@ mod tests {
         ));
         // The old source is now the stranger.
         assert_eq!(
-            super::decide(
+            rule(
                 &mut ch,
                 &mut st,
                 30528,
@@ -653,7 +749,7 @@ mod tests {
     #[test]
     fn handover_refuses_when_both_legs_are_silent() {
         let mut ch = latched_channel(Latching::new(LatchMode::Handover, 0, 500));
-        let d = super::decide(
+        let d = rule(
             &mut ch,
             &mut LatchState::default(),
             30528,
@@ -667,7 +763,7 @@ mod tests {
     #[test]
     fn first_packet_never_relatches_however_long_the_silence() {
         let mut ch = latched_channel(Latching::default());
-        let d = super::decide(
+        let d = rule(
             &mut ch,
             &mut LatchState::default(),
             30528,
@@ -676,5 +772,143 @@ mod tests {
             |_| panic!("no lookup outside Handover"),
         );
         assert_eq!(d, Decision::Drop(DropReason::UnknownSource));
+    }
+
+    /// An RTP packet: version 2, PT 0, one CSRC.
+    const RTP: [u8; 16] = [0x81, 0, 0, 1, 0, 0, 0, 160, 0, 0, 0, 7, 0, 0, 0, 9];
+    /// An RTCP receiver report without blocks (RFC 3550 §6.4.2): length 1 (8 bytes).
+    const RTCP_RR: [u8; 8] = [0x80, 201, 0, 1, 0, 0, 0, 7];
+
+    #[test]
+    fn media_is_recognised_by_the_rfc_3550_headers() {
+        use Component::{Rtcp, Rtp};
+        let table: &[(&[u8], Component, bool)] = &[
+            (&RTP, Rtp, true),
+            (&RTP[..12], Rtp, false), // the CSRC it announces is missing
+            (&RTCP_RR, Rtp, true),    // RTCP multiplexed on the RTP port (RFC 5761)
+            (&RTCP_RR, Rtcp, true),
+            (&RTP, Rtcp, false),                           // RTP is not RTCP
+            (&[0x80, 201, 0, 2, 0, 0, 0, 7], Rtcp, false), // length word beyond the datagram
+            (&[0x40, 201, 0, 1, 0, 0, 0, 7], Rtcp, false), // version 1
+            (&[0x80, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 7], Rtp, true), // minimal RTP
+            (&[0x00, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 7], Rtp, false), // version 0
+            (
+                &[0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                Rtp,
+                false,
+            ), // DTLS
+            (
+                &[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 0, 0, 0, 0],
+                Rtp,
+                false,
+            ), // STUN
+            (b"hello", Rtp, false),
+            (&[], Rtp, false),
+            (&[], Rtcp, false),
+        ];
+        for (i, &(payload, component, media)) in table.iter().enumerate() {
+            assert_eq!(
+                is_media(payload, component),
+                media,
+                "row {i}: {payload:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_media_only_channel_latches_only_on_rtp_or_rtcp() {
+        let mut ch = channel();
+        ch.latching = Latching::default().with_flags(relay_common::LATCH_MEDIA_ONLY);
+        let nat = sa("198.51.100.20:40007");
+        let before = ch;
+        for junk in [&b"hello"[..], &[], &RTCP_RR[..4]] {
+            let d = super::decide(
+                &mut ch,
+                &mut LatchState::default(),
+                30528,
+                &Datagram {
+                    src: nat,
+                    dst: None,
+                    payload: junk,
+                },
+                MS,
+                |_| 0,
+            );
+            assert_eq!(d, Decision::Drop(DropReason::NotMedia), "{junk:02x?}");
+            assert_eq!(ch, before, "nothing learnt from {junk:02x?}");
+        }
+        let dgram = Datagram {
+            src: nat,
+            dst: None,
+            payload: &RTP,
+        };
+        let d = super::decide(
+            &mut ch,
+            &mut LatchState::default(),
+            30528,
+            &dgram,
+            MS,
+            |_| 0,
+        );
+        assert!(
+            matches!(d, Decision::Forward { latched: true, .. }),
+            "{d:?}"
+        );
+        // Once latched, the source's packets are not inspected (the fast path cannot either).
+        let any = Datagram {
+            payload: b"anything",
+            ..dgram
+        };
+        let d = super::decide(&mut ch, &mut LatchState::default(), 30528, &any, MS, |_| 0);
+        assert!(
+            matches!(d, Decision::Forward { latched: false, .. }),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn only_datagrams_to_the_legs_relay_address_are_taken() {
+        // Leg A talks to 198.51.100.1, leg B to 192.0.2.1 (see `channel`).
+        let nat = sa("198.51.100.20:40007");
+        let office = sa("192.0.2.10:6000");
+        let to = |src, dst: &str| Datagram {
+            src,
+            dst: Some(dst.parse().expect("address")),
+            payload: &RTP,
+        };
+        let mut ch = channel();
+        let before = ch;
+        let run = |ch: &mut Channel, d: Datagram<'_>| {
+            super::decide(ch, &mut LatchState::default(), 30528, &d, MS, |_| 0)
+        };
+        // Sent to another address of the host (or routed through it): nothing is learnt.
+        for dst in ["192.0.2.1", "203.0.113.9", "127.0.0.1"] {
+            assert_eq!(
+                run(&mut ch, to(nat, dst)),
+                Decision::Drop(DropReason::NotRelayAddress),
+                "{dst}"
+            );
+            assert_eq!(ch, before);
+        }
+        assert!(matches!(
+            run(&mut ch, to(nat, "198.51.100.1")),
+            Decision::Forward { latched: true, .. }
+        ));
+        // A latched source too, and an IPv4-mapped destination is the same address.
+        assert_eq!(
+            run(&mut ch, to(office, "198.51.100.1")),
+            Decision::Drop(DropReason::NotRelayAddress)
+        );
+        assert!(matches!(
+            run(&mut ch, to(office, "::ffff:192.0.2.1")),
+            Decision::Forward { latched: false, .. }
+        ));
+        // A leg without a relay address takes what the kernel delivered.
+        let mut ch = channel();
+        ch.legs[LEG_A].local_addr = relay_common::Addr16::UNSPECIFIED;
+        assert!(matches!(
+            run(&mut ch, to(nat, "203.0.113.9")),
+            Decision::Forward { latched: true, .. }
+        ));
     }
 }

@@ -499,8 +499,29 @@ impl Testbed {
     }
 
     fn open(&self, host: Host) -> anyhow::Result<File> {
-        let path = format!("{NETNS_RUN_DIR}/{}", self.ns(host));
-        File::open(&path).with_context(|| format!("opening {path}"))
+        open_named(self.ns(host))
+    }
+}
+
+fn open_named(name: &str) -> anyhow::Result<File> {
+    let path = format!("{NETNS_RUN_DIR}/{name}");
+    File::open(&path).with_context(|| format!("opening {path}"))
+}
+
+/// Runs `f` on a new thread inside the named network namespace (`ip netns` name, e.g.
+/// [`Testbed::ns`]) and returns its result; for code that outlives a borrow of the testbed.
+pub fn run_in_named<R: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> anyhow::Result<R> {
+    let ns = open_named(name)?;
+    let handle = std::thread::Builder::new()
+        .name("ns-named".into())
+        .spawn(move || enter(&ns).map(|()| f()))
+        .context("spawning a thread")?;
+    match handle.join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 

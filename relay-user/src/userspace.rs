@@ -191,6 +191,8 @@ fn drop_index(reason: DropReason) -> usize {
         DropReason::Ambiguous => 1,
         DropReason::DestinationUnknown => 2,
         DropReason::Learning => 3,
+        DropReason::NotRelayAddress => 4,
+        DropReason::NotMedia => 5,
     }
 }
 

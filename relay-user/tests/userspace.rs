@@ -548,6 +548,17 @@ fn send_errors_are_counted_and_not_fatal() {
         (0, 1),
         "latched even though the send failed"
     );
+    // B's datagram to 127.0.0.1 is not addressed to B's relay address: dropped, counted.
+    b.send_to(b"elsewhere", relay_addr(P)).expect("send");
+    wait_counters(&relay, "the drop", |c| {
+        c.dropped(DropReason::NotRelayAddress) == 1
+    });
+    // The worker goes on: with B's relay address on this host, B's media reaches A.
+    ch.legs[LEG_B].local_addr = relay_common::Addr16::from_ipv4_octets(LO.octets());
+    relay.remove(P).expect("remove");
+    relay.install(P, &ch).expect("install again");
+    a.send_to(b"latch", relay_addr(P)).expect("send");
+    assert_eq!(recv(&b).0, b"latch".to_vec());
     b.send_to(b"works", relay_addr(P)).expect("send");
     assert_eq!(
         recv(&a),
@@ -555,6 +566,37 @@ fn send_errors_are_counted_and_not_fatal() {
         "sent from 127.0.0.1 (IP_PKTINFO)"
     );
     assert_eq!(relay.counters().send_errors, 1);
+}
+
+#[test]
+fn only_datagrams_to_the_legs_relay_address_are_relayed() {
+    // The relay binds the wildcard; leg A talks to 127.0.0.1, leg B to 127.0.0.2. A datagram
+    // from A's peer to 127.0.0.2 (another address of this host) is not A's: dropped, and it
+    // latches nothing.
+    const P: u16 = 41560;
+    let relay = start(41560, 41569, Ipv4Addr::UNSPECIFIED);
+    let [a, b, b_rtcp] = peers(41565);
+    let mut ch = channel(LO, P, addr(&b), addr(&b_rtcp));
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    ch.legs[LEG_B].local_addr = relay_common::Addr16::from_ipv4_octets(other.octets());
+    relay.install(P, &ch).expect("install");
+    a.send_to(b"wrong door", SocketAddr::from((other, P)))
+        .expect("send");
+    let c = wait_counters(&relay, "the drop", |c| {
+        c.dropped(DropReason::NotRelayAddress) == 1
+    });
+    assert_eq!((c.latched, c.forwarded_packets), (0, 0));
+    assert!(
+        !relay.channel(P).expect("channel").legs[LEG_A]
+            .rtp
+            .is_latched()
+    );
+    // The right door: relayed, and B's answer is sent from B's relay address.
+    a.send_to(b"hello", relay_addr(P)).expect("send");
+    assert_eq!(recv(&b), (b"hello".to_vec(), SocketAddr::from((other, P))));
+    b.send_to(b"back", SocketAddr::from((other, P)))
+        .expect("send");
+    assert_eq!(recv(&a), (b"back".to_vec(), relay_addr(P)));
 }
 
 /// Receives one datagram with its TOS byte (`IP_RECVTOS` must be on).

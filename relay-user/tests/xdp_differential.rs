@@ -45,7 +45,7 @@ use relay_common::{
 };
 use relay_user::{
     DataPath,
-    forward::{Decision, LatchState, decide},
+    forward::{Datagram, Decision, LatchState, decide},
     netns::{self, Host, Testbed, TestbedOptions},
     xdp::{XdpDataPath, XdpMode, XdpOptions},
 };
@@ -300,6 +300,7 @@ fn udp_checksum_ok(ip: &[u8], udp: &[u8]) -> bool {
 /// would deliver it at all (see the header for what is left out when XDP forwards).
 struct View {
     src: SocketAddrV4,
+    dst: Ipv4Addr,
     dport: u16,
     payload: Vec<u8>,
     ihl: usize,
@@ -350,6 +351,7 @@ fn view(frame: &[u8]) -> Option<View> {
     let udp_ok = udp_checksum_ok(ip, &udp[..ulen]);
     Some(View {
         src: SocketAddrV4::new(src_ip, u16::from_be_bytes([udp[0], udp[1]])),
+        dst: dst_ip,
         dport: u16::from_be_bytes([udp[2], udp[3]]),
         payload: udp[8..ulen].to_vec(),
         ihl,
@@ -389,7 +391,11 @@ fn compare(
             &mut ch,
             &mut LatchState::default(),
             v.dport,
-            SocketAddr::V4(v.src),
+            &Datagram {
+                src: SocketAddr::V4(v.src),
+                dst: Some(v.dst.into()),
+                payload: &v.payload,
+            },
             NOW,
             |_| NOW,
         )),
@@ -453,6 +459,12 @@ fn compare(
                     !to.is_ipv4()
                         || !to_leg.local_addr.is_ipv4()
                         || to_leg.local_addr.is_unspecified()
+                }
+                // The rule takes what the kernel delivered for a leg without a relay address;
+                // the fast path takes only packets to the leg's relay address.
+                Counter::PassNotRelayAddress => {
+                    let local = ch.legs[from_leg].local_addr;
+                    !local.is_ipv4() || local.is_unspecified()
                 }
                 _ => false,
             };
@@ -706,7 +718,11 @@ fn endpoints_without_a_port_are_neither_source_nor_destination_on_the_fast_path(
                 &mut copy,
                 &mut LatchState::default(),
                 v.dport,
-                SocketAddr::V4(v.src),
+                &Datagram {
+                    src: SocketAddr::V4(v.src),
+                    dst: Some(v.dst.into()),
+                    payload: &v.payload,
+                },
                 NOW,
                 |_| NOW,
             );

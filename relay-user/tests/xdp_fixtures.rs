@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
 use common::{FrameSpec, PinDir, parse_forwarded, require_root, rtp};
 use etherparse::IpNumber;
@@ -23,7 +23,7 @@ use relay_common::{
 };
 use relay_user::{
     DataPath,
-    forward::{Decision, DropReason, LatchState, decide},
+    forward::{Datagram, Decision, DropReason, LatchState, decide},
     netns::{self, Host, Testbed, TestbedOptions},
     xdp::{XdpDataPath, XdpMode, XdpOptions},
 };
@@ -183,7 +183,7 @@ fn channels() -> Vec<(u16, Channel)> {
 /// What the kernel hands the user-space relay for this frame: `(source, relay port, payload)`,
 /// or `None` when no relay socket receives it (not IPv4/UDP, malformed, or no channel bound on
 /// that port). Options are stripped and fragments reassembled by the kernel first.
-fn socket_view(frame: &[u8], bound: &[u16]) -> Option<(SocketAddr, u16, Vec<u8>)> {
+fn socket_view(frame: &[u8], bound: &[u16]) -> Option<(SocketAddr, IpAddr, u16, Vec<u8>)> {
     let (eth, rest) = etherparse::Ethernet2Header::from_slice(frame).ok()?;
     if eth.ether_type != etherparse::EtherType::IPV4 {
         return None;
@@ -202,7 +202,8 @@ fn socket_view(frame: &[u8], bound: &[u16]) -> Option<(SocketAddr, u16, Vec<u8>)
         return None;
     }
     let src = SocketAddr::V4(SocketAddrV4::new(ip.source.into(), udp.source_port));
-    Some((src, port, payload[..ulen - 8].to_vec()))
+    let dst = IpAddr::V4(ip.destination.into());
+    Some((src, dst, port, payload[..ulen - 8].to_vec()))
 }
 
 struct Fixture {
@@ -386,6 +387,32 @@ fn fixtures() -> Vec<Fixture> {
         action: XDP_PASS,
         counter: Counter::PassUnknownSource,
         userspace: Some(Decision::Drop(DropReason::UnknownSource)),
+        last_seen: ALIVE,
+    });
+
+    // The home peer (latched on leg A, relay address 198.51.100.1) sends to leg B's relay
+    // address: not its door. On a routing host the same check keeps transit traffic to another
+    // host's port in the relay range out of the fast path.
+    let wrong_door = FrameSpec::udp(v4("198.51.100.10:5004"), v4("192.0.2.1:30528"), &payload);
+    f.push(Fixture {
+        name: "latched source to another relay address: passed up, dropped by user space",
+        ingress: netns::RELAY_IF_HOME,
+        frame: wrong_door.build(),
+        output: None,
+        action: XDP_PASS,
+        counter: Counter::PassNotRelayAddress,
+        userspace: Some(Decision::Drop(DropReason::NotRelayAddress)),
+        last_seen: ALIVE,
+    });
+    let transit = FrameSpec::udp(v4("198.51.100.10:5004"), v4("203.0.113.9:30528"), &payload);
+    f.push(Fixture {
+        name: "latched source to another host (transit): passed up, never rewritten",
+        ingress: netns::RELAY_IF_HOME,
+        frame: transit.build(),
+        output: None,
+        action: XDP_PASS,
+        counter: Counter::PassNotRelayAddress,
+        userspace: Some(Decision::Drop(DropReason::NotRelayAddress)),
         last_seen: ALIVE,
     });
 
@@ -710,14 +737,19 @@ fn fixtures_agree_on_xdp_and_userspace() {
             }
             // The user-space path on what the kernel would deliver.
             let mut ch_by_port = chans.clone();
-            let us = socket_view(&fx.frame, &bound).map(|(src, port, payload)| {
+            let us = socket_view(&fx.frame, &bound).map(|(src, dst, port, payload)| {
                 let ch = &mut ch_by_port
                     .iter_mut()
                     .find(|(p, _)| *p == port & !1)
                     .unwrap()
                     .1;
                 let seen = fx.last_seen;
-                let d = decide(ch, &mut LatchState::default(), port, src, NOW, |leg| {
+                let dgram = Datagram {
+                    src,
+                    dst: Some(dst),
+                    payload: &payload,
+                };
+                let d = decide(ch, &mut LatchState::default(), port, &dgram, NOW, |leg| {
                     seen[leg]
                 });
                 (d, payload)

@@ -39,6 +39,8 @@ pub struct Setup {
     /// Live credentials (e.g. read from files, to reload); `None`: from `security`.
     pub credentials: Option<Credentials>,
     pub limits: Limits,
+    /// `relay.allow_local_peers`: on, since the peers of these tests are loopback sockets.
+    pub allow_local_peers: bool,
 }
 
 impl Setup {
@@ -53,6 +55,7 @@ impl Setup {
             security: Security::default(),
             credentials: None,
             limits: Limits::default(),
+            allow_local_peers: true,
         }
     }
 
@@ -68,6 +71,7 @@ impl Setup {
         c.pool.media_timeout = self.media_timeout;
         c.pool.quarantine = Duration::ZERO;
         c.store.path = state.join("homerelay.db");
+        c.relay.allow_local_peers = self.allow_local_peers;
         c
     }
 }
@@ -179,6 +183,14 @@ pub fn peer(port: u16) -> UdpSocket {
         .unwrap_or_else(|e| panic!("bind peer {port}: {e}"));
     s.set_read_timeout(Some(WAIT)).expect("read timeout");
     s
+}
+
+/// An RTP packet (version 2, PT 0) of `len` bytes (at least the 12-byte header) with sequence
+/// number `seq`: channels latch only on RTP or RTCP unless asked otherwise.
+pub fn rtp(seq: u8, len: usize) -> Vec<u8> {
+    let mut p = vec![seq; len.max(12)];
+    p[..12].copy_from_slice(&[0x80, 0, 0, seq, 0, 0, 0, seq, 0, 0, 0, 7]);
+    p
 }
 
 /// Receives one datagram (within [`WAIT`]).

@@ -189,6 +189,7 @@ pub fn run(data: &[u8]) {
                 timeout: duration(&mut i),
                 latching: latching(&mut i),
                 clock_rate: i.pick(&[0, 8000, 1 << 20, (1 << 20) + 1, u32::MAX]),
+                latch_any_payload: i.bool(),
             };
             assert_eq!(
                 pb::AllocateRequest::decode(&*r.encode_to_vec()).ok(),
@@ -273,6 +274,7 @@ fn seeds() -> Vec<Vec<u8>> {
             duration: None,
         }),
         clock_rate: 8000,
+        latch_any_payload: false,
     };
     let mut wire = vec![0, 0, 1, 0];
     wire.extend(alloc.encode_to_vec());

@@ -12,11 +12,16 @@
 //!   (which also unlatches, and only unlatches, that leg's other component);
 //! - a Strict channel learns no address (it may only confirm an announced one);
 //! - the fast path's subset: a source equal to a latched endpoint is forwarded from that leg
-//!   without latching, or dropped as `DestinationUnknown`.
+//!   without latching, or dropped as `DestinationUnknown` — or as `NotRelayAddress` when the
+//!   datagram was sent to another address than that leg's relay address;
+//! - nothing is forwarded from a leg whose relay address the datagram was not sent to, and on
+//!   a media-only channel nothing latches but RTP or RTCP.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use relay_common::{Channel, ENDPOINT_LATCHED, Endpoint, LatchMode, Latching, Leg};
-use relay_user::forward::{Component, Decision, DropReason, LatchState, decide};
+use relay_user::forward::{
+    Component, Datagram, Decision, DropReason, LatchState, decide, is_media,
+};
 
 use crate::{Input, Target};
 
@@ -35,6 +40,20 @@ const IPS: [IpAddr; 6] = [
     IpAddr::V6(Ipv6Addr::UNSPECIFIED),
 ];
 const PORTS: [u16; 5] = [5004, 5005, 6000, 0, 65535];
+/// Destinations: unknown, each relay address of [`leg`], another address.
+const DSTS: [Option<IpAddr>; 4] = [
+    None,
+    Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
+    Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))),
+    Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))),
+];
+/// Payloads: RTP, RTCP (a receiver report), neither.
+const PAYLOADS: [&[u8]; 4] = [
+    &[0x80, 0, 0, 1, 0, 0, 0, 160, 0, 0, 0, 7],
+    &[0x80, 201, 0, 1, 0, 0, 0, 7],
+    b"hello",
+    &[],
+];
 const RELAY_PORT: u16 = 30528;
 
 fn addr(i: &mut Input) -> SocketAddr {
@@ -74,6 +93,7 @@ fn leg(i: &mut Input) -> Leg {
 fn channel(i: &mut Input) -> Channel {
     let latching = Latching {
         mode: i.below(5) as u8,
+        flags: i.below(2) as u8,
         packets: i.pick(&[0, 1, 2, 3, u32::MAX]),
         duration_ms: i.pick(&[0, 1, 20, 500, u32::MAX]),
         ..Latching::default()
@@ -120,7 +140,12 @@ pub fn run(data: &[u8]) {
             2 => now.saturating_sub(u64::from(i.u16()) * 1_000_000),
             _ => i.u64(),
         });
-        check(&mut ch, &mut state, port, src, now, seen);
+        let dgram = Datagram {
+            src,
+            dst: i.pick(&DSTS),
+            payload: i.pick(&PAYLOADS),
+        };
+        check(&mut ch, &mut state, port, &dgram, now, seen);
     }
 }
 
@@ -128,19 +153,43 @@ fn check(
     ch: &mut Channel,
     state: &mut LatchState,
     port: u16,
-    src: SocketAddr,
+    dgram: &Datagram<'_>,
     now: u64,
     seen: [u64; 2],
 ) {
+    let src = dgram.src;
     let before = *ch;
     let comp = Component::of_port(port);
     let mode = before.latching.mode();
-    let d = decide(ch, state, port, src, now, |leg| seen[leg]);
+    let d = decide(ch, state, port, dgram, now, |leg| seen[leg]);
+    // Whether the datagram was sent to `leg`'s relay address (or that is not checked).
+    let addressed = |leg: usize| {
+        let local = before.legs[leg].local_addr;
+        local.is_unspecified() || dgram.dst.is_none_or(|d| IpAddr::from(local) == d)
+    };
+    if let Decision::Forward {
+        from_leg, latched, ..
+    } = d
+    {
+        assert!(
+            addressed(from_leg),
+            "{d:?} for a datagram sent to {:?}",
+            dgram.dst
+        );
+        if latched && before.latching.media_only() {
+            assert!(
+                is_media(dgram.payload, comp),
+                "{d:?} latched on a non-media payload"
+            );
+        }
+    }
     let fast = [0, 1].into_iter().find(|&l| {
         let e = endpoint_of(&before, l, comp);
         e.is_latched() && e.matches(src)
     });
-    if let Some(l) = fast {
+    if fast.is_some_and(|l| !addressed(l)) {
+        assert_eq!(d, Decision::Drop(DropReason::NotRelayAddress), "{before:?}");
+    } else if let Some(l) = fast {
         match d {
             Decision::Forward {
                 from_leg, latched, ..

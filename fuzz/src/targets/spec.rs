@@ -80,6 +80,7 @@ pub fn run(data: &[u8]) {
     let spec = ChannelSpec {
         legs,
         latching,
+        latch_any_payload: i.bool(),
         clock_rate: i.pick(&[0, 8000, 1 << 20, (1 << 20) + 1, any]),
     };
     let port = i.u16();
@@ -99,7 +100,7 @@ pub fn run(data: &[u8]) {
             assert!(known, "unknown field {:?}", e.field);
         }
         Ok(()) => {
-            assert_eq!(channel.latching, spec.latching.to_latching());
+            assert_eq!(channel.latching, spec.data_path_latching());
             assert_eq!(channel.clock_rate, spec.clock_rate);
             for ((got, want), default) in channel.legs.iter().zip(&spec.legs).zip(defaults) {
                 assert_eq!(got.local_port.get(), port);

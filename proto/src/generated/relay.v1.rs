@@ -173,6 +173,9 @@ pub struct Channel {
     /// RTP clock rate in Hz used for jitter.
     #[prost(uint32, tag = "13")]
     pub clock_rate: u32,
+    /// Whether any payload may latch a source (false: only RTP or RTCP version 2 may).
+    #[prost(bool, tag = "14")]
+    pub latch_any_payload: bool,
 }
 /// Asks for a channel for a call leg.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -203,6 +206,12 @@ pub struct AllocateRequest {
     /// RTP clock rate in Hz for the jitter statistics (1 to 1048576). 0: 8000 (G.711).
     #[prost(uint32, tag = "8")]
     pub clock_rate: u32,
+    /// Let any payload latch a source. False (the default): a source latches only with a packet
+    /// that parses as RTP or RTCP version 2, so stray or crafted non-media packets cannot take a
+    /// leg before its media starts. Set it for peers that speak something else first (the
+    /// DTLS-SRTP handshake, ICE connectivity checks). Fixed for the channel's life.
+    #[prost(bool, tag = "9")]
+    pub latch_any_payload: bool,
 }
 /// The channel the call leg holds.
 #[derive(Clone, PartialEq, ::prost::Message)]

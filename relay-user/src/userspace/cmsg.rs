@@ -1,6 +1,7 @@
 //! Ancillary data (cmsg) and `sockaddr_in` conversions for the relay sockets.
 //!
-//! Received datagrams carry one `IP_TOS` message (enabled by `IP_RECVTOS`); sent datagrams
+//! Received datagrams carry one `IP_TOS` message (enabled by `IP_RECVTOS`) and, on a socket
+//! bound to the wildcard, one `IP_PKTINFO` (the destination address); sent datagrams
 //! carry an optional `IP_PKTINFO` (source address, when the socket is bound to the wildcard)
 //! and an optional `IP_TOS` (the received DSCP/ECN byte, passed on unchanged). The invariant:
 //! **every buffer is a fixed [`CmsgBuf`], 8-byte aligned, and nothing here allocates**, since
@@ -99,17 +100,39 @@ fn header_at(buf: &CmsgBuf, len: usize, off: usize) -> Option<(libc::cmsghdr, us
     Some((hdr, clen))
 }
 
-/// The TOS byte of a received datagram, from the `IP_TOS` control message `IP_RECVTOS`
-/// delivers; `None` if absent or malformed. `len` is the `msg_controllen` the kernel returned.
-pub(crate) fn decode_tos(buf: &CmsgBuf, len: usize) -> Option<u8> {
+/// What the control messages of a received datagram say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// The TOS byte (`IP_TOS`, delivered with `IP_RECVTOS`).
+    pub(crate) tos: Option<u8>,
+    /// The IP header's destination address (`IP_PKTINFO.ipi_addr`, delivered with
+    /// `IP_PKTINFO`).
+    pub(crate) dst: Option<Ipv4Addr>,
+}
+
+/// Reads a received datagram's control messages; absent or malformed ones are `None`. `len` is
+/// the `msg_controllen` the kernel returned.
+pub(crate) fn decode_rx(buf: &CmsgBuf, len: usize) -> Received {
+    let mut rx = Received::default();
     let mut off = 0;
     while let Some((hdr, clen)) = header_at(buf, len, off) {
-        if hdr.cmsg_level == libc::IPPROTO_IP && hdr.cmsg_type == libc::IP_TOS && clen > HDR {
-            return Some(buf.0[off + HDR]);
+        let data = &buf.0[off + HDR..off + clen];
+        match (hdr.cmsg_level, hdr.cmsg_type) {
+            (libc::IPPROTO_IP, libc::IP_TOS) => rx.tos = data.first().copied(),
+            // `struct in_pktinfo { int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr; }`
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if data.len() >= 12 => {
+                rx.dst = Some(Ipv4Addr::new(data[8], data[9], data[10], data[11]));
+            }
+            _ => {}
         }
         off += align(clen);
     }
-    None
+    rx
+}
+
+/// The TOS byte of a received datagram (see [`decode_rx`]).
+pub(crate) fn decode_tos(buf: &CmsgBuf, len: usize) -> Option<u8> {
+    decode_rx(buf, len).tos
 }
 
 /// An IPv4 socket address in the kernel's representation.
@@ -226,6 +249,28 @@ mod tests {
         assert_eq!(decode_tos(&buf, len), Some(0x01));
         let (buf, len) = received(&[(libc::IPPROTO_IP, libc::IP_TTL, &[64, 0, 0, 0])]);
         assert_eq!(decode_tos(&buf, len), None);
+    }
+
+    #[test]
+    fn the_destination_address_comes_from_ip_pktinfo() {
+        let mut pktinfo = [0u8; 12];
+        pktinfo[..4].copy_from_slice(&3i32.to_ne_bytes());
+        pktinfo[4..8].copy_from_slice(&[192, 0, 2, 1]); // ipi_spec_dst: the local address
+        pktinfo[8..].copy_from_slice(&[198, 51, 100, 1]); // ipi_addr: the header's destination
+        let (buf, len) = received(&[
+            (libc::IPPROTO_IP, libc::IP_PKTINFO, &pktinfo),
+            (libc::IPPROTO_IP, libc::IP_TOS, &[0xb8]),
+        ]);
+        assert_eq!(
+            decode_rx(&buf, len),
+            Received {
+                tos: Some(0xb8),
+                dst: Some(Ipv4Addr::new(198, 51, 100, 1))
+            }
+        );
+        // Cut short: ignored.
+        let (buf, len) = received(&[(libc::IPPROTO_IP, libc::IP_PKTINFO, &pktinfo[..8])]);
+        assert_eq!(decode_rx(&buf, len), Received::default());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::DataPathError;
 use crate::datapath::monotonic_ns;
-use crate::forward::{self, Decision, DropReason, LatchState};
+use crate::forward::{self, Datagram, Decision, DropReason, LatchState};
 
 /// Receive buffer per datagram. RTP over UDP stays below the path MTU; anything longer is cut
 /// by the kernel (`MSG_TRUNC`), dropped and counted.
@@ -311,7 +311,8 @@ fn setsockopt_int(
     }
 }
 
-/// A relay socket: non-blocking, close-on-exec, bounded buffers, TOS reported, bound to `addr`
+/// A relay socket: non-blocking, close-on-exec, bounded buffers, TOS (and on the wildcard the
+/// destination address) reported, bound to `addr`
 /// (no `SO_REUSEADDR`/`SO_REUSEPORT`: a port in use is an error, not a shared port).
 fn open_socket(addr: SocketAddrV4) -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
@@ -327,6 +328,11 @@ fn open_socket(addr: SocketAddrV4) -> io::Result<Socket> {
         }
     }
     setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 1)?;
+    if addr.ip().is_unspecified() {
+        // Which of the host's addresses each datagram was sent to: the rule takes only those
+        // addressed to the relay address of their leg.
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    }
     s.bind(&SocketAddr::V4(addr).into())?;
     Ok(s)
 }
@@ -697,7 +703,9 @@ impl Worker {
                 if len == 0 {
                     tally.empty += 1;
                 }
-                let tos = cmsg::decode_tos(&batch.rx_cmsg[i], controllen(&m.msg_hdr));
+                let rx = cmsg::decode_rx(&batch.rx_cmsg[i], controllen(&m.msg_hdr));
+                // A socket bound to one address receives only what was sent to it.
+                let dst = if pktinfo { rx.dst } else { Some(*bind_addr) };
                 let before = st.channel;
                 // Handover only, for a packet from no latched source: when was each leg last
                 // heard on either path.
@@ -709,11 +717,16 @@ impl Worker {
                         .map_or(0, |t| t[leg & 1]);
                     shared.stats[leg & 1].last_seen_ns.load(Relaxed).max(fast)
                 };
+                let dgram = Datagram {
+                    src: SocketAddr::V4(src),
+                    dst: dst.map(IpAddr::V4),
+                    payload: &batch.bufs[i][..len],
+                };
                 let decision = forward::decide(
                     &mut st.channel,
                     &mut st.latch,
                     relay_port,
-                    SocketAddr::V4(src),
+                    &dgram,
                     now,
                     last_seen,
                 );
@@ -735,7 +748,7 @@ impl Worker {
                                     );
                                 }
                                 let src = if pktinfo { source_for(from) } else { None };
-                                batch.queue(i, len, to, src, tos, from_leg);
+                                batch.queue(i, len, to, src, rx.tos, from_leg);
                             }
                             // An IPv6 peer cannot be reached from an IPv4 socket.
                             SocketAddr::V6(_) => tally.send_errors += 1,
