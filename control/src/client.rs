@@ -762,6 +762,7 @@ fn pool_json(p: &pb::PoolStatusResponse) -> Value {
         "early_reuses": p.early_reuses,
         "data_path": p.data_path,
         "fast_path_unavailable": (!p.fast_path_unavailable.is_empty()).then_some(&p.fast_path_unavailable),
+        "fast_path_degraded": (!p.fast_path_degraded.is_empty()).then_some(&p.fast_path_degraded),
         "instance_id": p.instance_id,
         "started_at": time_text(p.started_at.as_ref()),
         "adopted_at_start": p.adopted_at_start,
@@ -806,6 +807,9 @@ fn pool_text(p: &pb::PoolStatusResponse) -> String {
         format!("{} ({})", p.data_path, p.fast_path_unavailable)
     };
     let _ = writeln!(out, "data path    {path}");
+    if !p.fast_path_degraded.is_empty() {
+        let _ = writeln!(out, "fast path    DEGRADED: {}", p.fast_path_degraded);
+    }
     if p.early_reuses > 0 {
         let _ = writeln!(out, "early reuses {}", p.early_reuses);
     }

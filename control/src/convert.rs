@@ -459,6 +459,7 @@ pub fn pool_to_pb(p: &PoolView) -> pb::PoolStatusResponse {
         early_reuses: s.early_reuses,
         data_path: p.data_path.to_owned(),
         fast_path_unavailable: p.fast_path_unavailable.clone().unwrap_or_default(),
+        fast_path_degraded: p.fast_path_degraded.clone().unwrap_or_default(),
         instance_id: p.instance.id.clone(),
         started_at: Some(timestamp(p.instance.started_at)),
         adopted_at_start: p.instance.adopted,

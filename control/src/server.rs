@@ -469,6 +469,11 @@ pub async fn serve_with(
         stopping.await;
         not_serving(&reporter).await;
     });
+    // Ends with this server (it holds a handle of the service, which must not outlive it).
+    let _fast_path_health = AbortOnDrop(tokio::spawn(watch_fast_path(
+        service.clone(),
+        health.clone(),
+    )));
     let (health_end, health_ended) = watch::channel(false);
     let health_service = HealthServer::new(EndingHealth {
         inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -546,6 +551,62 @@ pub async fn serve_with(
         r = served => r.map_err(ServeError::Transport),
         () = deadline => Ok(()),
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The health service name of the fast path: SERVING while XDP forwards every channel it
+/// should, NOT_SERVING while it does not run or is degraded (media then goes through user
+/// space: calls work, at a higher cost). The API's own health (`""` and the channel service)
+/// does not depend on it.
+pub const FAST_PATH_HEALTH: &str = "homerelay.v1.FastPath";
+
+/// How often the fast path's health is re-read.
+const FAST_PATH_HEALTH_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps [`FAST_PATH_HEALTH`] up to date until the service stops; logs each change.
+async fn watch_fast_path(service: Service, reporter: tonic_health::server::HealthReporter) {
+    let mut stopping = std::pin::pin!(service.stopping());
+    let mut last: Option<bool> = None;
+    loop {
+        let Ok(pool) = service.pool().await else {
+            break;
+        };
+        let why = if pool.data_path != "xdp" {
+            pool.fast_path_unavailable.clone()
+        } else {
+            pool.fast_path_degraded.clone()
+        };
+        let healthy = why.is_none();
+        if last != Some(healthy) {
+            let status = if healthy {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status(FAST_PATH_HEALTH, status).await;
+            match (&why, last) {
+                (Some(why), _) => log::warn!("health {FAST_PATH_HEALTH}: NOT_SERVING ({why})"),
+                (None, Some(false)) => log::info!("health {FAST_PATH_HEALTH}: SERVING again"),
+                (None, _) => {}
+            }
+            last = Some(healthy);
+        }
+        tokio::select! {
+            () = &mut stopping => break,
+            () = tokio::time::sleep(FAST_PATH_HEALTH_PERIOD) => {}
+        }
+    }
+    reporter
+        .set_service_status(FAST_PATH_HEALTH, tonic_health::ServingStatus::NotServing)
+        .await;
 }
 
 async fn not_serving(reporter: &tonic_health::server::HealthReporter) {

@@ -73,6 +73,11 @@ pub trait Dataplane: DataPath + 'static {
     -> Result<(), DataPathError>;
     /// Why the fast path is not running; `None` when it is.
     fn fast_path_unavailable(&self) -> Option<String>;
+    /// Why the running fast path cannot forward some installed channels itself; `None` when it
+    /// forwards every channel it should (or does not run).
+    fn fast_path_degraded(&self) -> Option<String> {
+        None
+    }
     /// Channels a previous process left in the pinned maps, not yet adopted or removed.
     fn inherited(&self) -> Vec<(u16, Channel)>;
     /// Takes over an inherited channel as it is (latched endpoints, counters); its generation.
@@ -95,6 +100,24 @@ impl Dataplane for Relay {
 
     fn fast_path_unavailable(&self) -> Option<String> {
         self.xdp_unavailable().map(str::to_owned)
+    }
+
+    fn fast_path_degraded(&self) -> Option<String> {
+        let xdp = self.xdp()?;
+        let unresolved = xdp.unresolved();
+        if let Some(first) = unresolved.first() {
+            return Some(format!(
+                "{} destination(s) without a next hop, e.g. {} -> {}: {}",
+                unresolved.len(),
+                first.src,
+                first.dst,
+                first.why
+            ));
+        }
+        match self.fast_path_waiting() {
+            0 => None,
+            n => Some(format!("{n} latched channel(s) waiting for a next hop")),
+        }
     }
 
     fn inherited(&self) -> Vec<(u16, Channel)> {
@@ -214,6 +237,9 @@ pub struct PoolView {
     /// `xdp` or `userspace`.
     pub data_path: &'static str,
     pub fast_path_unavailable: Option<String>,
+    /// Why the running fast path cannot forward some channels itself (see
+    /// [`Dataplane::fast_path_degraded`]).
+    pub fast_path_degraded: Option<String>,
     /// This run of the daemon.
     pub instance: Instance,
 }
@@ -1273,6 +1299,7 @@ impl Owner {
             codec: config.codec,
             data_path: self.relay.name(),
             fast_path_unavailable: self.relay.fast_path_unavailable(),
+            fast_path_degraded: self.relay.fast_path_degraded(),
             instance: self.instance.clone(),
         }
     }

@@ -886,3 +886,40 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
     let _ = std::fs::remove_dir_all(&dir);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn health_reports_the_fast_path_apart_from_the_api() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // A user-space-only relay: the API serves, the fast path does not run.
+    let server = TestServer::start(Setup::new(42640, 42649)).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(server.url.clone())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let status = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    let api = health.check(status("")).await.expect("check").into_inner();
+    assert_eq!(api.status, ServingStatus::Serving as i32);
+    let fast = within(async {
+        loop {
+            // The first reading lands within a moment of the start.
+            match health
+                .check(status(control::server::FAST_PATH_HEALTH))
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(fast.status, ServingStatus::NotServing as i32);
+    let pool = server.service.pool().await.expect("pool");
+    assert_eq!(pool.data_path, "userspace");
+    assert!(pool.fast_path_unavailable.is_some());
+    server.stop().await;
+}

@@ -380,3 +380,148 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     drop(pin);
     drop(tb);
 }
+
+/// The fast path's health as the gRPC health service reports it.
+async fn fast_path_health(
+    health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+) -> i32 {
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: control::server::FAST_PATH_HEALTH.into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+/// Polls `f` every 100 ms until it returns true, for at most [`common::WAIT`].
+async fn eventually<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) -> bool {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while std::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_a_next_hop_degrades_the_fast_path_in_status_and_health() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let pin = PinDir(
+        format!(
+            "/sys/fs/bpf/homerelay-control-degraded-{}",
+            std::process::id()
+        )
+        .into(),
+    );
+    let state = tempfile::tempdir().expect("state directory");
+    let daemon = DaemonBuilder::new(testbed_config(&pin.0, state.path()))
+        .seed(5)
+        .start_relay_with(|options| tb.run_in(Host::Relay, move || Relay::start(options)))
+        .host_addresses(relay_host(&tb))
+        .build()
+        .expect("the daemon with its fast path");
+    let service = daemon.service;
+    let _relay = daemon.relay.expect("a relay");
+    // The API (health included) on this namespace's loopback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the API");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(control::server::serve_with(
+        listener,
+        service.clone(),
+        control::server::Credentials::new(&control::server::Security::default())
+            .expect("credentials"),
+        control::server::Limits::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    assert!(
+        eventually(|| {
+            let mut h = health.clone();
+            async move { fast_path_health(&mut h).await == serving }
+        })
+        .await,
+        "the fast path never reported SERVING"
+    );
+    assert_eq!(service.pool().await.expect("pool").fast_path_degraded, None);
+
+    // An office peer on the relay's subnet that does not exist: its neighbour never resolves,
+    // so the fast path cannot send to it and the channel's packets would go up.
+    let ghost: SocketAddr = (std::net::Ipv4Addr::new(192, 0, 2, 99), 6000).into();
+    let (view, _) = service
+        .allocate(
+            Request::new("ghost-call", "t", Kind::SystemDevice),
+            home_learnt_office_strict(ghost),
+        )
+        .await
+        .expect("allocate");
+    let svc = service.clone();
+    assert!(
+        eventually(|| {
+            let svc = svc.clone();
+            async move {
+                svc.pool().await.is_ok_and(|p| {
+                    p.fast_path_degraded
+                        .is_some_and(|w| w.contains("192.0.2.99"))
+                })
+            }
+        })
+        .await,
+        "PoolStatus never said the fast path is degraded: {:?}",
+        service.pool().await
+    );
+    assert!(
+        eventually(|| {
+            let mut h = health.clone();
+            async move { fast_path_health(&mut h).await == not_serving }
+        })
+        .await,
+        "health never reported the degraded fast path"
+    );
+    // The API's own health does not depend on it.
+    let api = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    assert_eq!(api, serving);
+
+    // Released: healthy again.
+    service
+        .release(control::service::ChannelRef::Port(view.port()))
+        .await
+        .expect("release");
+    assert!(
+        eventually(|| {
+            let mut h = health.clone();
+            async move { fast_path_health(&mut h).await == serving }
+        })
+        .await,
+        "the fast path never reported SERVING again: {:?}",
+        service.pool().await
+    );
+    let _ = stop.send(());
+    server.await.expect("join").expect("serve");
+    service.shutdown().await;
+}

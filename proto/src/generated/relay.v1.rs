@@ -438,6 +438,12 @@ pub struct PoolStatusResponse {
     /// Channels this run took over from the previous one at start (kept calls).
     #[prost(uint32, tag = "13")]
     pub adopted_at_start: u32,
+    /// Why the running fast path cannot forward some installed channels itself (their packets go
+    /// up to user space, which carries them at a higher cost), e.g. a destination without a
+    /// resolved next hop; empty when it forwards every channel it should. The health service
+    /// "homerelay.v1.FastPath" is NOT_SERVING while this is set or the fast path is not running.
+    #[prost(string, tag = "14")]
+    pub fast_path_degraded: ::prost::alloc::string::String,
 }
 /// What a channel is used for. One pool serves every kind; they are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
