@@ -1,16 +1,18 @@
 //! homerelay's core: the parts of the control plane that do no I/O — the channel
 //! [`allocator`], channel specs and their validation ([`spec`], with [`build_channel`], the one
 //! place a request becomes a data-path channel), and the names of events, release reasons and
-//! channel states ([`names`]), defined once for metrics, the CLI and the wire conversions.
+//! channel states ([`names`]), defined once for metrics, the CLI and the wire conversions; and
+//! the phone registration protocol ([`register`]: its frame codec and the relay's and a
+//! device's session state machines, specified in `docs/registration-protocol.md`).
 //!
 //! Invariant: nothing here does I/O or reads a clock — no sockets, no tokio, no aya, no gRPC;
 //! time comes in as an argument. The shells (the `control` crate) drive this core; the session
-//! border controller policy, the registration state machine and the STUN codec of later work
-//! belong here too.
+//! border controller policy and the STUN codec of later work belong here too.
 #![forbid(unsafe_code)]
 
 pub mod allocator;
 pub mod names;
+pub mod register;
 pub mod spec;
 
 pub use allocator::{
