@@ -847,6 +847,34 @@ mod tests {
     }
 
     #[test]
+    fn register_golden_bytes() {
+        // The example in docs/registration-protocol.md.
+        let f = Frame::Register(Register {
+            number: Number::new("4711").unwrap(),
+            mac: [0x00, 0x1a, 0xe8, 0x12, 0x34, 0x56],
+            device_type: DeviceType::new("openstage_hfa").unwrap(),
+            firmware: FirmwareVersion::new("V3 R0.40.4").unwrap(),
+            media_addr: "192.168.1.20:5004".parse().unwrap(),
+            keepalive_s: 30,
+            client_first: ScramMessage::new(b"n,,n=4711,r=rOprNGfwEbeRWgbNEkqO".to_vec()).unwrap(),
+        });
+        let mut want = vec![0x48, 0x01, 0x01, 0x00, 0x00, 0x68];
+        want.extend_from_slice(&[0x00, 0x01, 0x00, 0x04, b'4', b'7', b'1', b'1']);
+        want.extend_from_slice(&[0x00, 0x02, 0x00, 0x06, 0x00, 0x1a, 0xe8, 0x12, 0x34, 0x56]);
+        want.extend_from_slice(&[0x00, 0x03, 0x00, 0x0d]);
+        want.extend_from_slice(b"openstage_hfa");
+        want.extend_from_slice(&[0x00, 0x04, 0x00, 0x0a]);
+        want.extend_from_slice(b"V3 R0.40.4");
+        want.extend_from_slice(&[0x00, 0x05, 0x00, 0x07, 0x04, 0x13, 0x8c, 192, 168, 1, 20]);
+        want.extend_from_slice(&[0x00, 0x06, 0x00, 0x04, 0x00, 0x00, 0x00, 0x1e]);
+        want.extend_from_slice(&[0x00, 0x07, 0x00, 0x20]);
+        want.extend_from_slice(b"n,,n=4711,r=rOprNGfwEbeRWgbNEkqO");
+        assert_eq!(want.len(), 110);
+        assert_eq!(f.to_bytes(), want);
+        assert_eq!(Frame::decode(&want).unwrap(), Some((f, want.len())));
+    }
+
+    #[test]
     fn refused_golden_bytes() {
         let f = Frame::Refused(Refused {
             refusal: Refusal::LockedOut { retry_after_s: 300 },
