@@ -615,6 +615,7 @@ impl<'a> Elements<'a> {
         Ok(Elements { message, values })
     }
 
+    /// The element's slot: codes run from 1 without gaps (a unit test checks it).
     const fn index(element: ElementType) -> usize {
         element.code() as usize - 1
     }
@@ -828,6 +829,22 @@ mod tests {
             keepalive_s: 30,
             client_first: ScramMessage::new(b"n,,n=4711,r=abc".to_vec()).unwrap(),
         })
+    }
+
+    #[test]
+    fn codes_are_contiguous_and_unique() {
+        // `Elements` indexes its table by `code - 1`.
+        for (i, e) in ElementType::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(e.code()), i + 1, "{e}");
+            assert_eq!(ElementType::from_code(e.code()), Some(e));
+            assert_eq!(e.code() & ELEMENT_MAY_IGNORE, 0);
+        }
+        for (i, t) in MessageType::ALL.into_iter().enumerate() {
+            assert_eq!(usize::from(t.code()), i + 1, "{t}");
+            assert_eq!(MessageType::from_code(t.code()), Some(t));
+        }
+        assert_eq!(ElementType::from_code(0), None);
+        assert_eq!(MessageType::from_code(0), None);
     }
 
     #[test]
