@@ -586,6 +586,27 @@ fn answers_out_of_turn_are_errors_and_change_nothing() {
 }
 
 #[test]
+fn a_refusal_crossing_an_unregister_ends_the_client_at_once() {
+    let mut c = ClientSession::new(client_config("4711", 0), first("4711"), 0);
+    c.unregister(1).unwrap();
+    c.handle_frame(
+        Frame::Refused(Refused {
+            refusal: Refusal::ServerBusy {
+                retry_after_s: Some(30),
+            },
+            text: Text::empty(),
+        }),
+        2,
+    );
+    assert_eq!(
+        c.close_reason(),
+        Some(CloseReason::Refused(Refusal::ServerBusy {
+            retry_after_s: Some(30)
+        }))
+    );
+}
+
+#[test]
 fn server_config_is_validated() {
     assert_eq!(ServerConfig::default().validate(), Ok(()));
     let bad = [

@@ -223,6 +223,11 @@ impl ClientSession {
                 self.outstanding = None;
             }
             (S::Unregistering, Frame::Unregistered) => self.close(CloseReason::Unregistered),
+            // The relay refused before it read `Unregister`: it has closed, no `Unregistered`
+            // will come.
+            (S::AwaitChallenge | S::AwaitRegistered | S::Unregistering, Frame::Refused(r)) => {
+                self.close(CloseReason::Refused(r.refusal))
+            }
             // Answers to what was sent before `Unregister` may still arrive; they no longer
             // matter.
             (S::Unregistering, _) => {}
@@ -237,9 +242,6 @@ impl ClientSession {
                 self.grant = Some(r);
                 self.events
                     .push_back(ClientEvent::VerifyServer { server_final });
-            }
-            (S::AwaitChallenge | S::AwaitRegistered, Frame::Refused(r)) => {
-                self.close(CloseReason::Refused(r.refusal));
             }
             (state, frame) => {
                 let text = format!("{} in state {state}", frame.message_type());
