@@ -4,16 +4,19 @@
 //! channel states ([`names`]), defined once for metrics, the CLI and the wire conversions; and
 //! the session border controller's rules for remote devices ([`device`]): device types,
 //! password strength and SCRAM-SHA-256 storage, minimum firmware, internal networks, whether a
-//! device may register, brute-force lockout, and class of service against toll fraud.
+//! device may register, brute-force lockout, and class of service against toll fraud; and the
+//! phone registration protocol ([`register`]: its frame codec and the relay's and a device's
+//! session state machines, specified in `docs/registration-protocol.md`).
 //!
 //! Invariant: nothing here does I/O or reads a clock — no sockets, no tokio, no aya, no gRPC;
-//! time comes in as an argument. The shells (the `control` crate) drive this core; the
-//! registration state machine and the STUN codec of later work belong here too.
+//! time comes in as an argument. The shells (the `control` crate) drive this core; the STUN
+//! codec of later work belongs here too.
 #![forbid(unsafe_code)]
 
 pub mod allocator;
 pub mod device;
 pub mod names;
+pub mod register;
 pub mod spec;
 
 pub use allocator::{
