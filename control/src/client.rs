@@ -245,6 +245,14 @@ impl Connection {
 
 /// Connects to the daemon.
 pub async fn connect(c: &Connection) -> anyhow::Result<Client> {
+    let (channel, token) = connect_channel(c).await?;
+    Ok(ChannelServiceClient::with_interceptor(channel, token))
+}
+
+/// Connects to the daemon: the transport and the interceptor that adds the bearer token.
+pub async fn connect_channel(
+    c: &Connection,
+) -> anyhow::Result<(tonic::transport::Channel, TokenInjector)> {
     let token = c.bearer_token()?;
     let mut endpoint = Endpoint::from_shared(c.server.clone())
         .with_context(|| format!("{:?} is not a URL like {DEFAULT_SERVER_URL}", c.server))?
@@ -278,14 +286,11 @@ pub async fn connect(c: &Connection) -> anyhow::Result<Client> {
                 .map_err(|_| anyhow!("the token must be printable ASCII"))
         })
         .transpose()?;
-    Ok(ChannelServiceClient::with_interceptor(
-        channel,
-        TokenInjector { header },
-    ))
+    Ok((channel, TokenInjector { header }))
 }
 
 /// A one-line error for a failed call: the server's message and the status code.
-fn call_error(s: Status) -> anyhow::Error {
+pub fn call_error(s: Status) -> anyhow::Error {
     anyhow!("{} ({:?})", s.message(), s.code())
 }
 

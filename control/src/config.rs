@@ -63,6 +63,34 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// The crash-safe state (channel records).
     pub store: StoreSection,
+    /// Remote devices and the SBC's rules for them.
+    pub devices: DevicesSection,
+}
+
+/// `[devices]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesSection {
+    /// Networks whose devices are internal (CIDR); every other source is external and needs
+    /// the device's internet-registration flag.
+    pub internal_networks: Vec<String>,
+    /// PBKDF2-SHA-256 iterations of new password verifiers (SCRAM-SHA-256; at least 4096).
+    pub password_iterations: u32,
+    /// Shortest password the policy accepts.
+    pub min_password_length: usize,
+}
+
+impl Default for DevicesSection {
+    fn default() -> Self {
+        DevicesSection {
+            internal_networks: crate::devices::DEFAULT_INTERNAL_NETWORKS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            password_iterations: relay_core::device::scram::DEFAULT_ITERATIONS,
+            min_password_length: relay_core::device::password::PasswordPolicy::default().min_length,
+        }
+    }
 }
 
 /// Where the daemon keeps its state by default (systemd's `StateDirectory=homerelay`).
@@ -436,6 +464,7 @@ impl Config {
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.layout()?;
+        self.registry_policy()?;
         if self.relay.workers > 1024 {
             return Err(ConfigError::new(
                 "relay.workers",
@@ -649,6 +678,36 @@ impl Config {
             require_xdp: self.xdp.require,
             events: None,
         }
+    }
+
+    /// The device registry's rules from `[devices]`.
+    pub fn registry_policy(&self) -> Result<crate::devices::RegistryPolicy, ConfigError> {
+        use relay_core::device::scram::{MAX_ITERATIONS, MIN_ITERATIONS};
+        let d = &self.devices;
+        let networks = relay_core::device::networks::Networks::parse(
+            d.internal_networks.iter().map(String::as_str),
+        )
+        .map_err(|e| ConfigError::new("devices.internal_networks", e.to_string()))?;
+        if !(MIN_ITERATIONS..=MAX_ITERATIONS).contains(&d.password_iterations) {
+            return Err(ConfigError::new(
+                "devices.password_iterations",
+                format!("must be {MIN_ITERATIONS} to {MAX_ITERATIONS}"),
+            ));
+        }
+        let mut passwords = relay_core::device::password::PasswordPolicy::default();
+        if !(8..=passwords.max_length).contains(&d.min_password_length) {
+            return Err(ConfigError::new(
+                "devices.min_password_length",
+                format!("must be 8 to {}", passwords.max_length),
+            ));
+        }
+        passwords.min_length = d.min_password_length;
+        Ok(crate::devices::RegistryPolicy {
+            passwords,
+            networks,
+            iterations: d.password_iterations,
+            ..crate::devices::RegistryPolicy::default()
+        })
     }
 
     /// The relay addresses legs A and B talk to unless a request names one.

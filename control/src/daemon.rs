@@ -13,6 +13,7 @@ use relay_store::Store;
 use relay_user::{Relay, RelayOptions};
 
 use crate::config::{Config, LayoutName};
+use crate::devices::Registry;
 use crate::host::HostTable;
 use crate::metrics::Metrics;
 use crate::service::{Dataplane, Queue, Service, ServiceOptions, ServiceParts};
@@ -134,6 +135,13 @@ impl<'a> DaemonBuilder<'a> {
                 );
             }
         }
+        let devices = Arc::new(
+            Registry::open(
+                store.as_ref().map(Store::devices).transpose()?,
+                config.registry_policy()?,
+            )
+            .context("loading the device registry")?,
+        );
         let queue = Queue::default();
         let (relay, dataplane): (Option<Arc<Relay>>, Arc<dyn Dataplane>) = match self.dataplane {
             Some(dp) => (None, dp),
@@ -168,6 +176,7 @@ impl<'a> DaemonBuilder<'a> {
                     layout_name: layout_name.name(),
                     host,
                     allow_local_peers: config.relay.allow_local_peers,
+                    devices,
                 },
                 metrics: self.metrics,
                 store,

@@ -43,6 +43,13 @@ enum Command {
         #[command(subcommand)]
         command: ChannelsCommand,
     },
+    /// Remote devices (phones and clients that register through the SBC) of a running relay.
+    Devices {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: control::devices_cli::DevicesCommand,
+    },
     /// The channel pool of a running relay.
     Pool {
         #[command(flatten)]
@@ -299,6 +306,10 @@ fn main() -> anyhow::Result<()> {
             connection,
             command,
         } => client_runtime()?.block_on(control::client::channels(&connection, command)),
+        Command::Devices {
+            connection,
+            command,
+        } => client_runtime()?.block_on(control::devices_cli::run(&connection, command)),
         Command::Pool { connection } => {
             client_runtime()?.block_on(control::client::pool(&connection))
         }

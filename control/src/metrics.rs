@@ -295,7 +295,7 @@ impl AllocResult {
 
 /// The gRPC methods served, as `(path, service label, method label)`; any other path is
 /// counted as `unknown` (a client can send any path: it must not become a label).
-const GRPC_METHODS: [(&str, &str, &str); 12] = [
+const GRPC_METHODS: [(&str, &str, &str); 18] = [
     (
         "/relay.v1.ChannelService/Allocate",
         "relay.v1.ChannelService",
@@ -330,6 +330,36 @@ const GRPC_METHODS: [(&str, &str, &str); 12] = [
         "/relay.v1.ChannelService/PoolStatus",
         "relay.v1.ChannelService",
         "PoolStatus",
+    ),
+    (
+        "/relay.v1.DeviceService/CreateDevice",
+        "relay.v1.DeviceService",
+        "CreateDevice",
+    ),
+    (
+        "/relay.v1.DeviceService/UpdateDevice",
+        "relay.v1.DeviceService",
+        "UpdateDevice",
+    ),
+    (
+        "/relay.v1.DeviceService/DeleteDevice",
+        "relay.v1.DeviceService",
+        "DeleteDevice",
+    ),
+    (
+        "/relay.v1.DeviceService/GetDevice",
+        "relay.v1.DeviceService",
+        "GetDevice",
+    ),
+    (
+        "/relay.v1.DeviceService/ListDevices",
+        "relay.v1.DeviceService",
+        "ListDevices",
+    ),
+    (
+        "/relay.v1.DeviceService/AuthorizeCall",
+        "relay.v1.DeviceService",
+        "AuthorizeCall",
     ),
     (
         "/grpc.health.v1.Health/Check",
@@ -869,15 +899,22 @@ mod tests {
     #[test]
     fn every_rpc_of_the_proto_has_its_own_label() {
         let proto = include_str!("../../proto/relay/v1/relay.proto");
-        let rpcs: Vec<&str> = proto
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("rpc "))
-            .filter_map(|l| l.split(['(', ' ']).next())
-            .collect();
-        assert!(rpcs.len() >= 7, "{rpcs:?}");
-        for rpc in rpcs {
-            let i = method_index(&format!("/relay.v1.ChannelService/{rpc}"));
-            assert_eq!(GRPC_METHODS[i].2, rpc);
+        let mut service = "";
+        let mut rpcs = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(s) = line.strip_prefix("service ") {
+                service = s.split([' ', '{']).next().unwrap_or_default();
+            } else if let Some(r) = line.strip_prefix("rpc ") {
+                rpcs.push((service, r.split(['(', ' ']).next().unwrap_or_default()));
+            }
+        }
+        assert!(rpcs.len() >= 13, "{rpcs:?}");
+        for (service, rpc) in rpcs {
+            let i = method_index(&format!("/relay.v1.{service}/{rpc}"));
+            assert_eq!(
+                (GRPC_METHODS[i].1, GRPC_METHODS[i].2),
+                (format!("relay.v1.{service}").as_str(), rpc)
+            );
         }
         assert_eq!(GRPC_METHODS[method_index("/evil/path-1234")].1, "unknown");
         assert_eq!(GRPC_METHODS[method_index("")].1, "unknown");

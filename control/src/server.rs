@@ -520,6 +520,7 @@ pub async fn serve_with(
         handshake_timeout: limits.tls_handshake_timeout,
         kill,
     });
+    let devices = crate::devices_api::DevicesApi::new(service.devices().clone());
     let served = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .concurrency_limit_per_connection(limits.max_requests_per_connection)
@@ -529,6 +530,11 @@ pub async fn serve_with(
         .add_service(health_service)
         .add_service(InterceptedService::new(
             ChannelServiceServer::new(Api::new(service))
+                .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            proto::v1::device_service_server::DeviceServiceServer::new(devices)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
             auth.clone(),
         ))

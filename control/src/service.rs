@@ -269,6 +269,8 @@ pub struct ServiceOptions {
     /// Let peers be on loopback or at the host's own addresses (`relay.allow_local_peers`, for
     /// labs where everything runs on one machine).
     pub allow_local_peers: bool,
+    /// The remote devices.
+    pub devices: Arc<crate::devices::Registry>,
 }
 
 impl std::fmt::Debug for ServiceOptions {
@@ -290,6 +292,9 @@ impl Default for ServiceOptions {
             layout_name: "s",
             host: Arc::new(crate::host::HostTable::new()),
             allow_local_peers: false,
+            devices: Arc::new(crate::devices::Registry::in_memory(
+                crate::devices::RegistryPolicy::default(),
+            )),
         }
     }
 }
@@ -586,6 +591,11 @@ impl Service {
                 owner: std::sync::Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// The device registry.
+    pub fn devices(&self) -> &Arc<crate::devices::Registry> {
+        &self.inner.options.devices
     }
 
     /// Sends a message to the owner and waits for its answer.

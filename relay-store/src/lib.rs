@@ -75,6 +75,7 @@
 //! These are not asserted anywhere. A commit costs 30–50 times a put inside a batch: the control
 //! plane's store thread should group every queued command into one [`Store::apply`].
 
+mod devices;
 mod error;
 mod lock;
 pub mod schema;
@@ -87,6 +88,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
+pub use devices::{DeviceRow, DeviceStore};
 pub use error::StoreError;
 use lock::LockFile;
 
@@ -217,6 +219,22 @@ impl Store {
                 .map_err(|e| io_err("cannot sync directory", parent, e))?;
         }
         Ok(store)
+    }
+
+    /// A second connection to this database for the device registry, used by another thread
+    /// than the channels' (SQLite serialises the writers; WAL lets readers run beside them).
+    /// It lives under this store's lock, so the store must outlive it in spirit: open it
+    /// from the running daemon's store, never from a second process.
+    pub fn devices(&self) -> Result<DeviceStore, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(|source| {
+            StoreError::Sqlite {
+                path: self.path.clone(),
+                what: "open the device registry's connection",
+                source,
+            }
+        })?;
+        DeviceStore::new(conn, self.path.clone())
     }
 
     /// The database file.

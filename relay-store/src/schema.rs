@@ -10,16 +10,13 @@
 //!
 //! # Adding a migration
 //!
-//! Append a [`Migration`] to [`MIGRATIONS`] with the next version number, e.g. for the
-//! device registry:
+//! Append a [`Migration`] to [`MIGRATIONS`] with the next version number, e.g.
 //!
 //! ```text
 //! Migration {
-//!     version: 2,
-//!     name: "devices",
-//!     sql: "CREATE TABLE devices (...) STRICT;
-//!           CREATE TABLE registrations (..., device INTEGER NOT NULL
-//!               REFERENCES devices(id) ON DELETE CASCADE) STRICT;",
+//!     version: 3,
+//!     name: "certificates",
+//!     sql: "CREATE TABLE certificates (...) STRICT;",
 //! },
 //! ```
 //!
@@ -44,10 +41,11 @@ pub struct Migration {
 }
 
 /// Every schema step, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "meta and channels",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "meta and channels",
+        sql: "
         PRAGMA application_id = 0x48524C59;
         CREATE TABLE meta (
             key   TEXT PRIMARY KEY NOT NULL,
@@ -66,7 +64,22 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY (addr_index, port)
         ) STRICT, WITHOUT ROWID;
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "devices",
+        // The device registry: one row per device, keyed by its internal number; the record is
+        // JSON owned by the control plane (like a channel's). Live registrations are not
+        // stored: they belong to connections, which a restart ends anyway.
+        sql: "
+            CREATE TABLE devices (
+                number     TEXT    PRIMARY KEY NOT NULL CHECK (length(number) BETWEEN 1 AND 32),
+                record     TEXT    NOT NULL,
+                updated_at INTEGER NOT NULL
+            ) STRICT, WITHOUT ROWID;
+        ",
+    },
+];
 
 /// The newest schema version this build knows.
 pub const VERSION: u32 = MIGRATIONS.len() as u32;

@@ -72,6 +72,14 @@ fn v1_database_migrates_to_newest_keeping_data() {
             port: 30300,
         }])
         .unwrap();
+    // Step 2 added the (empty) device registry.
+    let mut devices = store.devices().unwrap();
+    assert!(devices.list().unwrap().is_empty());
+    let row = relay_store::DeviceRow {
+        number: "4711".into(),
+        record: "{}".into(),
+    };
+    assert!(devices.insert(&row).unwrap());
 }
 
 #[test]

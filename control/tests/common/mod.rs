@@ -72,6 +72,8 @@ impl Setup {
         c.pool.quarantine = Duration::ZERO;
         c.store.path = state.join("homerelay.db");
         c.relay.allow_local_peers = self.allow_local_peers;
+        // The fewest key-derivation rounds SCRAM allows: tests create devices in debug builds.
+        c.devices.password_iterations = 4096;
         c
     }
 }

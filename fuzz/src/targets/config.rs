@@ -13,7 +13,7 @@ pub const TARGET: Target = Target {
 };
 
 const SECTIONS: &[&str] = &[
-    "relay", "xdp", "pool", "api", "api.tls", "events", "metrics", "store",
+    "relay", "xdp", "pool", "api", "api.tls", "events", "metrics", "store", "devices",
 ];
 /// Every key the configuration has (sections included: a whole section can be mistyped).
 const KEYS: &[&str] = &[
@@ -31,6 +31,11 @@ const KEYS: &[&str] = &[
     "workers",
     "internet_address",
     "lan_address",
+    "allow_local_peers",
+    "devices",
+    "internal_networks",
+    "password_iterations",
+    "min_password_length",
     "interfaces",
     "mode",
     "pin_dir",

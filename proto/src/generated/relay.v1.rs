@@ -445,6 +445,182 @@ pub struct PoolStatusResponse {
     #[prost(string, tag = "14")]
     pub fast_path_degraded: ::prost::alloc::string::String,
 }
+/// A device's class of service. Unset: internal numbers only, nothing else (the least a
+/// remote device needs; toll fraud starts with more).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClassOfService {
+    /// How far the device may call.
+    #[prost(enumeration = "Reach", tag = "1")]
+    pub reach: i32,
+    /// Premium-rate numbers allowed (within its reach; never from the internet by default).
+    #[prost(bool, tag = "2")]
+    pub premium_rate: bool,
+    /// Call forwarding to external numbers allowed (within its reach).
+    #[prost(bool, tag = "3")]
+    pub forward_external: bool,
+}
+/// A remote device as the registry holds it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Device {
+    /// Internal number: 1 to 32 digits; the device's identity when it registers.
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+    /// The kind of device; required.
+    #[prost(enumeration = "DeviceType", tag = "2")]
+    pub r#type: i32,
+    /// MAC address (phones); any usual notation, shown as aa:bb:cc:dd:ee:ff. Empty: none.
+    #[prost(string, tag = "3")]
+    pub mac: ::prost::alloc::string::String,
+    /// Authentication on: the device must prove its password to register.
+    #[prost(bool, tag = "4")]
+    pub authentication: bool,
+    /// Internet registration through the SBC: the device may register from outside the internal
+    /// networks. Needs authentication and a strong password.
+    #[prost(bool, tag = "5")]
+    pub internet_registration: bool,
+    /// Class of service.
+    #[prost(message, optional, tag = "6")]
+    pub class_of_service: ::core::option::Option<ClassOfService>,
+    /// Codecs the device may use, by name (e.g. "G711A", "G722", "OPUS"); empty: any.
+    #[prost(string, repeated, tag = "7")]
+    pub codecs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Output only: a password (its verifier) is stored.
+    #[prost(bool, tag = "8")]
+    pub has_password: bool,
+    /// Output only: guidelines of the password policy the stored password does not meet (empty
+    /// when strong). A device with a weak password cannot register from the internet.
+    #[prost(string, repeated, tag = "9")]
+    pub weak_password: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Output only: the live registration; unset when the device is not registered.
+    #[prost(message, optional, tag = "10")]
+    pub registration: ::core::option::Option<Registration>,
+}
+/// A live registration of a device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Registration {
+    /// How it registered: "tcp" (4062), "tls" (4063) or "https" (8802).
+    #[prost(string, tag = "1")]
+    pub transport: ::prost::alloc::string::String,
+    /// The address and port the relay saw the device at: the home router's public mapping for a
+    /// device behind NAT.
+    #[prost(string, tag = "2")]
+    pub public_address: ::prost::alloc::string::String,
+    /// The media address the device announced (its local address behind the NAT).
+    #[prost(string, tag = "3")]
+    pub local_address: ::prost::alloc::string::String,
+    /// The firmware version the device reported.
+    #[prost(string, tag = "4")]
+    pub firmware: ::prost::alloc::string::String,
+    /// Registered from outside the internal networks.
+    #[prost(bool, tag = "5")]
+    pub external: bool,
+    /// When it registered.
+    #[prost(message, optional, tag = "6")]
+    pub registered_at: ::core::option::Option<::prost_types::Timestamp>,
+    /// When it expires without a keepalive.
+    #[prost(message, optional, tag = "7")]
+    pub expires_at: ::core::option::Option<::prost_types::Timestamp>,
+}
+/// Creates a device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateDeviceRequest {
+    /// The device (output-only fields are ignored).
+    #[prost(message, optional, tag = "1")]
+    pub device: ::core::option::Option<Device>,
+    /// Its password (stored only as a salted SCRAM-SHA-256 verifier). Empty: none.
+    #[prost(string, tag = "2")]
+    pub password: ::prost::alloc::string::String,
+}
+/// Changes a device; unset fields keep their value.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateDeviceRequest {
+    /// The device to change; required.
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+    #[prost(enumeration = "DeviceType", optional, tag = "2")]
+    pub r#type: ::core::option::Option<i32>,
+    /// An empty string removes the MAC.
+    #[prost(string, optional, tag = "3")]
+    pub mac: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(bool, optional, tag = "4")]
+    pub authentication: ::core::option::Option<bool>,
+    #[prost(bool, optional, tag = "5")]
+    pub internet_registration: ::core::option::Option<bool>,
+    #[prost(message, optional, tag = "6")]
+    pub class_of_service: ::core::option::Option<ClassOfService>,
+    /// Replaces the codec list when `replace_codecs` is set.
+    #[prost(string, repeated, tag = "7")]
+    pub codecs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "8")]
+    pub replace_codecs: bool,
+    /// A new password; an empty string removes it.
+    #[prost(string, optional, tag = "9")]
+    pub password: ::core::option::Option<::prost::alloc::string::String>,
+}
+/// A device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeviceResponse {
+    #[prost(message, optional, tag = "1")]
+    pub device: ::core::option::Option<Device>,
+}
+/// Deletes a device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteDeviceRequest {
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+}
+/// The deleted device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteDeviceResponse {
+    #[prost(message, optional, tag = "1")]
+    pub device: ::core::option::Option<Device>,
+}
+/// Gets a device.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetDeviceRequest {
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+}
+/// Lists devices.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListDevicesRequest {}
+/// Every device.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListDevicesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub devices: ::prost::alloc::vec::Vec<Device>,
+}
+/// Asks whether a device may call a number.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizeCallRequest {
+    /// The calling (or forwarding) device.
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+    /// The dialled number, or the call-forwarding target.
+    #[prost(string, tag = "2")]
+    pub target: ::prost::alloc::string::String,
+    /// The target is a call-forwarding destination, not a dialled number.
+    #[prost(bool, tag = "3")]
+    pub forwarding: bool,
+}
+/// The SBC's answer.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizeCallResponse {
+    /// The call may go ahead.
+    #[prost(bool, tag = "1")]
+    pub allowed: bool,
+    /// What the target is: "emergency", "internal", "local", "national", "international",
+    /// "premium-rate"; empty when it is not a valid number.
+    #[prost(string, tag = "2")]
+    pub target_class: ::prost::alloc::string::String,
+    /// Why not, when not allowed.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// The device is registered from outside the internal networks (or not registered at all,
+    /// which counts as outside).
+    #[prost(bool, tag = "4")]
+    pub external: bool,
+}
 /// What a channel is used for. One pool serves every kind; they are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -681,6 +857,100 @@ impl Component {
             "COMPONENT_UNSPECIFIED" => Some(Self::Unspecified),
             "COMPONENT_RTP" => Some(Self::Rtp),
             "COMPONENT_RTCP" => Some(Self::Rtcp),
+            _ => None,
+        }
+    }
+}
+/// The kinds of remote device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum DeviceType {
+    /// Not set: rejected.
+    Unspecified = 0,
+    /// OpenStage HFA system phone (TCP 4062 / TLS 4063).
+    OpenstageHfa = 1,
+    /// DeskPhone IP HFA system phone (TCP 4062 / TLS 4063).
+    DeskphoneIpHfa = 2,
+    /// DeskPhone CP HFA system phone (TCP 4062 / TLS 4063).
+    DeskphoneCpHfa = 3,
+    /// myPortal to go on Android (HTTPS 8802).
+    MyportalToGoAndroid = 4,
+    /// myPortal to go on iOS (HTTPS 8802).
+    MyportalToGoIos = 5,
+    /// myPortal @work, the WebRTC desktop client (HTTPS 8802).
+    MyportalAtWork = 6,
+    /// A SIP device.
+    SipDevice = 7,
+}
+impl DeviceType {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "DEVICE_TYPE_UNSPECIFIED",
+            Self::OpenstageHfa => "DEVICE_TYPE_OPENSTAGE_HFA",
+            Self::DeskphoneIpHfa => "DEVICE_TYPE_DESKPHONE_IP_HFA",
+            Self::DeskphoneCpHfa => "DEVICE_TYPE_DESKPHONE_CP_HFA",
+            Self::MyportalToGoAndroid => "DEVICE_TYPE_MYPORTAL_TO_GO_ANDROID",
+            Self::MyportalToGoIos => "DEVICE_TYPE_MYPORTAL_TO_GO_IOS",
+            Self::MyportalAtWork => "DEVICE_TYPE_MYPORTAL_AT_WORK",
+            Self::SipDevice => "DEVICE_TYPE_SIP_DEVICE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "DEVICE_TYPE_UNSPECIFIED" => Some(Self::Unspecified),
+            "DEVICE_TYPE_OPENSTAGE_HFA" => Some(Self::OpenstageHfa),
+            "DEVICE_TYPE_DESKPHONE_IP_HFA" => Some(Self::DeskphoneIpHfa),
+            "DEVICE_TYPE_DESKPHONE_CP_HFA" => Some(Self::DeskphoneCpHfa),
+            "DEVICE_TYPE_MYPORTAL_TO_GO_ANDROID" => Some(Self::MyportalToGoAndroid),
+            "DEVICE_TYPE_MYPORTAL_TO_GO_IOS" => Some(Self::MyportalToGoIos),
+            "DEVICE_TYPE_MYPORTAL_AT_WORK" => Some(Self::MyportalAtWork),
+            "DEVICE_TYPE_SIP_DEVICE" => Some(Self::SipDevice),
+            _ => None,
+        }
+    }
+}
+/// How far a device may call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Reach {
+    /// Not set: internal numbers only.
+    Unspecified = 0,
+    /// Internal numbers only.
+    InternalOnly = 1,
+    /// Also local numbers.
+    Local = 2,
+    /// Also national numbers.
+    National = 3,
+    /// Also international numbers.
+    International = 4,
+}
+impl Reach {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REACH_UNSPECIFIED",
+            Self::InternalOnly => "REACH_INTERNAL_ONLY",
+            Self::Local => "REACH_LOCAL",
+            Self::National => "REACH_NATIONAL",
+            Self::International => "REACH_INTERNATIONAL",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REACH_UNSPECIFIED" => Some(Self::Unspecified),
+            "REACH_INTERNAL_ONLY" => Some(Self::InternalOnly),
+            "REACH_LOCAL" => Some(Self::Local),
+            "REACH_NATIONAL" => Some(Self::National),
+            "REACH_INTERNATIONAL" => Some(Self::International),
             _ => None,
         }
     }
@@ -1460,6 +1730,695 @@ pub mod channel_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "relay.v1.ChannelService";
     impl<T> tonic::server::NamedService for ChannelServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod device_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// The registry of remote devices (phones and clients that register with the relay's session
+    /// border controller) and the SBC's call policy.
+    #[derive(Debug, Clone)]
+    pub struct DeviceServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl DeviceServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> DeviceServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> DeviceServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            DeviceServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Creates a device. ALREADY_EXISTS when its number is taken; INVALID_ARGUMENT for a bad
+        /// number, type or MAC; FAILED_PRECONDITION when internet registration is asked for without
+        /// authentication and a strong password (the message lists each guideline not met).
+        pub async fn create_device(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/CreateDevice",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "CreateDevice"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Changes a device; unset fields keep their value. The same rules as CreateDevice apply to
+        /// the result. A new password replaces the stored verifier.
+        pub async fn update_device(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/UpdateDevice",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "UpdateDevice"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes a device and ends its registration. NOT_FOUND when there is none.
+        pub async fn delete_device(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteDeviceRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteDeviceResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/DeleteDevice",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "DeleteDevice"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Returns one device with its registration status.
+        pub async fn get_device(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/GetDevice",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "GetDevice"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Lists every device in number order with its registration status.
+        pub async fn list_devices(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListDevicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListDevicesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/ListDevices",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "ListDevices"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Decides whether a device may call a number (or forward calls to it) under its class of
+        /// service. A device registered from outside the internal networks may never reach
+        /// premium-rate or international numbers nor forward to them (unless configured otherwise).
+        /// The answer is in the response (allowed, or the reason); NOT_FOUND for an unknown device.
+        pub async fn authorize_call(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorizeCallRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorizeCallResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/AuthorizeCall",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "AuthorizeCall"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod device_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with DeviceServiceServer.
+    #[async_trait]
+    pub trait DeviceService: std::marker::Send + std::marker::Sync + 'static {
+        /// Creates a device. ALREADY_EXISTS when its number is taken; INVALID_ARGUMENT for a bad
+        /// number, type or MAC; FAILED_PRECONDITION when internet registration is asked for without
+        /// authentication and a strong password (the message lists each guideline not met).
+        async fn create_device(
+            &self,
+            request: tonic::Request<super::CreateDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status>;
+        /// Changes a device; unset fields keep their value. The same rules as CreateDevice apply to
+        /// the result. A new password replaces the stored verifier.
+        async fn update_device(
+            &self,
+            request: tonic::Request<super::UpdateDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status>;
+        /// Deletes a device and ends its registration. NOT_FOUND when there is none.
+        async fn delete_device(
+            &self,
+            request: tonic::Request<super::DeleteDeviceRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteDeviceResponse>,
+            tonic::Status,
+        >;
+        /// Returns one device with its registration status.
+        async fn get_device(
+            &self,
+            request: tonic::Request<super::GetDeviceRequest>,
+        ) -> std::result::Result<tonic::Response<super::DeviceResponse>, tonic::Status>;
+        /// Lists every device in number order with its registration status.
+        async fn list_devices(
+            &self,
+            request: tonic::Request<super::ListDevicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListDevicesResponse>,
+            tonic::Status,
+        >;
+        /// Decides whether a device may call a number (or forward calls to it) under its class of
+        /// service. A device registered from outside the internal networks may never reach
+        /// premium-rate or international numbers nor forward to them (unless configured otherwise).
+        /// The answer is in the response (allowed, or the reason); NOT_FOUND for an unknown device.
+        async fn authorize_call(
+            &self,
+            request: tonic::Request<super::AuthorizeCallRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorizeCallResponse>,
+            tonic::Status,
+        >;
+    }
+    /// The registry of remote devices (phones and clients that register with the relay's session
+    /// border controller) and the SBC's call policy.
+    #[derive(Debug)]
+    pub struct DeviceServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> DeviceServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for DeviceServiceServer<T>
+    where
+        T: DeviceService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/relay.v1.DeviceService/CreateDevice" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateDeviceSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::CreateDeviceRequest>
+                    for CreateDeviceSvc<T> {
+                        type Response = super::DeviceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateDeviceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::create_device(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateDeviceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/UpdateDevice" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateDeviceSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::UpdateDeviceRequest>
+                    for UpdateDeviceSvc<T> {
+                        type Response = super::DeviceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpdateDeviceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::update_device(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateDeviceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/DeleteDevice" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteDeviceSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::DeleteDeviceRequest>
+                    for DeleteDeviceSvc<T> {
+                        type Response = super::DeleteDeviceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteDeviceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::delete_device(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteDeviceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/GetDevice" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetDeviceSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::GetDeviceRequest>
+                    for GetDeviceSvc<T> {
+                        type Response = super::DeviceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetDeviceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::get_device(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetDeviceSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/ListDevices" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListDevicesSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::ListDevicesRequest>
+                    for ListDevicesSvc<T> {
+                        type Response = super::ListDevicesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListDevicesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::list_devices(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListDevicesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/AuthorizeCall" => {
+                    #[allow(non_camel_case_types)]
+                    struct AuthorizeCallSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::UnaryService<super::AuthorizeCallRequest>
+                    for AuthorizeCallSvc<T> {
+                        type Response = super::AuthorizeCallResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorizeCallRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::authorize_call(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AuthorizeCallSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for DeviceServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "relay.v1.DeviceService";
+    impl<T> tonic::server::NamedService for DeviceServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

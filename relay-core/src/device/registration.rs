@@ -61,6 +61,13 @@ pub enum RegistrationRefusal {
     /// The device type has a minimum firmware but the device reported no version.
     #[error("the device reported no firmware version; {0} needs a minimum version")]
     FirmwareUnknown(DeviceType),
+    /// The stored password (judged when it was set: the registry keeps only its verifier)
+    /// does not meet the policy now; the guidelines, joined.
+    #[error("the stored password is weak: {0}")]
+    WeakPasswordStored(String),
+    /// No such device (deleted while it registered).
+    #[error("no such device")]
+    UnknownDevice,
 }
 
 /// Whether `device`'s Internet-registration flag may be set: authentication on and a strong
