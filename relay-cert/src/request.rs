@@ -164,7 +164,7 @@ impl Subject {
         let mut dn = rcgen::DistinguishedName::new();
         // RFC 5280 Appendix A: countryName is a PrintableString of two characters.
         let country = rcgen::string::PrintableString::try_from(self.country.to_ascii_uppercase())
-            .map_err(|e| CertError::Generate(e.into()))?;
+            .map_err(CertError::Generate)?;
         dn.push(
             rcgen::DnType::CountryName,
             rcgen::DnValue::PrintableString(country),
@@ -216,8 +216,7 @@ impl San {
         Ok(match self {
             Self::Ip(ip) => rcgen::SanType::IpAddress(*ip),
             Self::Dns(name) => rcgen::SanType::DnsName(
-                rcgen::string::Ia5String::try_from(name.as_str())
-                    .map_err(|e| CertError::Generate(e.into()))?,
+                rcgen::string::Ia5String::try_from(name.as_str()).map_err(CertError::Generate)?,
             ),
         })
     }
