@@ -33,6 +33,7 @@ APT_PACKAGES=(
   iproute2 ethtool nftables procps
   systemd util-linux
   build-essential pkg-config
+  openssl  # relay-cert's interop tests run the openssl binary
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
