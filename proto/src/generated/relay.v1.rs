@@ -537,20 +537,25 @@ pub struct UpdateDeviceRequest {
     /// The device to change; required.
     #[prost(string, tag = "1")]
     pub number: ::prost::alloc::string::String,
+    /// A new device type.
     #[prost(enumeration = "DeviceType", optional, tag = "2")]
     pub r#type: ::core::option::Option<i32>,
-    /// An empty string removes the MAC.
+    /// A new MAC address; an empty string removes it.
     #[prost(string, optional, tag = "3")]
     pub mac: ::core::option::Option<::prost::alloc::string::String>,
+    /// Authentication on or off.
     #[prost(bool, optional, tag = "4")]
     pub authentication: ::core::option::Option<bool>,
+    /// Internet registration through the SBC on or off.
     #[prost(bool, optional, tag = "5")]
     pub internet_registration: ::core::option::Option<bool>,
+    /// A new class of service; unset keeps it.
     #[prost(message, optional, tag = "6")]
     pub class_of_service: ::core::option::Option<ClassOfService>,
     /// Replaces the codec list when `replace_codecs` is set.
     #[prost(string, repeated, tag = "7")]
     pub codecs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Replace the codec list with `codecs` (which may be empty: any codec).
     #[prost(bool, tag = "8")]
     pub replace_codecs: bool,
     /// A new password; an empty string removes it.
@@ -560,24 +565,28 @@ pub struct UpdateDeviceRequest {
 /// A device.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeviceResponse {
+    /// The device as the registry holds it now.
     #[prost(message, optional, tag = "1")]
     pub device: ::core::option::Option<Device>,
 }
 /// Deletes a device.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteDeviceRequest {
+    /// Its internal number.
     #[prost(string, tag = "1")]
     pub number: ::prost::alloc::string::String,
 }
 /// The deleted device.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeleteDeviceResponse {
+    /// The device as it was, with the registration it had.
     #[prost(message, optional, tag = "1")]
     pub device: ::core::option::Option<Device>,
 }
 /// Gets a device.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetDeviceRequest {
+    /// Its internal number.
     #[prost(string, tag = "1")]
     pub number: ::prost::alloc::string::String,
 }
@@ -587,6 +596,7 @@ pub struct ListDevicesRequest {}
 /// Every device.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListDevicesResponse {
+    /// In number order.
     #[prost(message, repeated, tag = "1")]
     pub devices: ::prost::alloc::vec::Vec<Device>,
 }
