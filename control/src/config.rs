@@ -65,6 +65,23 @@ pub struct Config {
     pub store: StoreSection,
     /// Remote devices and the SBC's rules for them.
     pub devices: DevicesSection,
+    /// The registration service of remote phones (TCP 4062, TLS 4063).
+    pub registration: RegistrationSection,
+}
+
+/// `[registration]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationSection {
+    /// Plain TCP address of the phones' registration (e.g. `0.0.0.0:4062`); unset: off.
+    pub listen: Option<SocketAddr>,
+    /// TLS address of the phones' registration (e.g. `0.0.0.0:4063`); needs `tls_cert` and
+    /// `tls_key`; unset: off.
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the TLS listener.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[devices]`.
@@ -465,6 +482,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.layout()?;
         self.registry_policy()?;
+        let r = &self.registration;
+        if r.tls_listen.is_some() && (r.tls_cert.is_none() || r.tls_key.is_none()) {
+            return Err(ConfigError::new(
+                "registration.tls_listen",
+                "needs registration.tls_cert and registration.tls_key",
+            ));
+        }
         if self.relay.workers > 1024 {
             return Err(ConfigError::new(
                 "relay.workers",

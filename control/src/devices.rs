@@ -537,6 +537,9 @@ impl Registry {
         if origin == Origin::Internal {
             return Ok(origin);
         }
+        if !record.internet_registration {
+            return Err(RegistrationRefusal::InternetRegistrationOff);
+        }
         self.check_internet(record)?;
         let device_type = self
             .device_type(record)

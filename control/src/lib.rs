@@ -8,6 +8,7 @@
 //! conversion between the wire and the domain is in [`convert`].
 
 pub mod api;
+pub mod cert_cli;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -22,5 +23,7 @@ pub mod host;
 pub mod metrics;
 pub mod notify;
 pub mod persist;
+pub mod register_client;
+pub mod registrar;
 pub mod server;
 pub mod service;

@@ -50,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         command: control::devices_cli::DevicesCommand,
     },
+    /// Certificates of the TLS listeners: a CA, server certificates (PKCS#12), import and
+    /// fingerprints.
+    #[command(subcommand)]
+    Cert(control::cert_cli::CertCommand),
     /// The channel pool of a running relay.
     Pool {
         #[command(flatten)]
@@ -214,6 +218,36 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
         );
         tokio::spawn(metrics::serve(listener, exporter, service.stopping()))
     });
+    // Phones' registration (TCP 4062 / TLS 4063), when configured.
+    let registrar = std::sync::Arc::new(control::registrar::Registrar::new(
+        service.devices().clone(),
+        relay_core::register::ServerConfig::default(),
+        relay_core::device::lockout::LockoutPolicy::default(),
+    ));
+    let r = &config.registration;
+    for (addr, tls) in [(r.listen, false), (r.tls_listen, true)] {
+        let Some(addr) = addr else { continue };
+        let acceptor = match (tls, &r.tls_cert, &r.tls_key) {
+            (true, Some(cert), Some(key)) => Some(control::registrar::tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the phones' registration on {addr} (registration.{})",
+                if tls { "tls_listen" } else { "listen" }
+            )
+        })?;
+        log::info!(
+            "phone registration on {addr} ({})",
+            if tls { "TLS 1.2/1.3" } else { "plain TCP" }
+        );
+        tokio::spawn(control::registrar::serve(
+            listener,
+            acceptor,
+            registrar.clone(),
+            service.stopping(),
+        ));
+    }
     let mut server = tokio::spawn(server::serve_with(
         listener,
         service.clone(),
@@ -310,6 +344,7 @@ fn main() -> anyhow::Result<()> {
             connection,
             command,
         } => client_runtime()?.block_on(control::devices_cli::run(&connection, command)),
+        Command::Cert(command) => control::cert_cli::run(command),
         Command::Pool { connection } => {
             client_runtime()?.block_on(control::client::pool(&connection))
         }

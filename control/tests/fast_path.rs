@@ -381,18 +381,21 @@ async fn a_restart_adopts_the_pinned_channel_and_the_call_goes_on_in_the_fast_pa
     drop(tb);
 }
 
-/// The fast path's health as the gRPC health service reports it.
+/// The fast path's health as the gRPC health service reports it; -1 before its first
+/// reading (the service is registered a moment after the server starts).
 async fn fast_path_health(
     health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
 ) -> i32 {
-    health
+    match health
         .check(tonic_health::pb::HealthCheckRequest {
             service: control::server::FAST_PATH_HEALTH.into(),
         })
         .await
-        .expect("health check")
-        .into_inner()
-        .status
+    {
+        Ok(r) => r.into_inner().status,
+        Err(s) if s.code() == tonic::Code::NotFound => -1,
+        Err(s) => panic!("health check: {s:?}"),
+    }
 }
 
 /// Polls `f` every 100 ms until it returns true, for at most [`common::WAIT`].

@@ -1,0 +1,352 @@
+//! The registration service of remote phones: TCP 4062 (plain) and TLS 4063, speaking the
+//! protocol of `docs/registration-protocol.md` (`relay_core::register`), authenticating with
+//! SCRAM-SHA-256 against the device registry and applying the SBC's rules (internet
+//! registration flag, strong password, minimum firmware, brute-force lockout).
+//!
+//! Invariant: an unknown device and a wrong password get the same exchange and the same
+//! answer (`auth_failed` after the proof), every failure is counted per device and per source
+//! and logged with its source, and a connection's registration ends with the connection.
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use relay_core::device::lockout::{Lockout, LockoutPolicy};
+use relay_core::device::networks::Origin;
+use relay_core::device::registration::RegistrationRefusal;
+use relay_core::device::scram::{ScramServer, generate_nonce};
+use relay_core::register::{
+    ErrorCode, Refusal, RegistrationId, ScramMessage, ServerConfig, ServerEvent, ServerSession,
+    Text,
+};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+
+use crate::devices::{LiveRegistration, Registry};
+
+/// Registration connections open at once at most; one more is closed at once.
+pub const CONNECTIONS_MAX: usize = 10_000;
+
+/// The shared state of every registration connection.
+#[derive(Debug)]
+pub struct Registrar {
+    registry: Arc<Registry>,
+    lockout: Mutex<Lockout>,
+    config: ServerConfig,
+    started: Instant,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl Registrar {
+    pub fn new(registry: Arc<Registry>, config: ServerConfig, lockout: LockoutPolicy) -> Registrar {
+        Registrar {
+            registry,
+            lockout: Mutex::new(Lockout::new(lockout)),
+            config,
+            started: Instant::now(),
+            connections: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lockout(&self) -> std::sync::MutexGuard<'_, Lockout> {
+        self.lockout.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` completes; each is served by
+/// [`serve_connection`] (through `tls` when given).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    registrar: Arc<Registrar>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let transport = if tls.is_some() { "tls" } else { "tcp" };
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = registrar.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "registration: too many connections, closing one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let registrar = registrar.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_connection(stream, peer, transport, &registrar).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        Duration::from_millis(registrar.config.handshake_timeout_ms),
+                        acceptor.accept(stream),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(s)) => serve_connection(s, peer, transport, &registrar).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "registration: TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "registration: TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A TLS acceptor (TLS 1.2 and 1.3 only, the ring provider) for the certificate chain and key
+/// in the PEM files `cert` and `key`.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("reading the certificate chain {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{}: no PEM certificate", cert.display());
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key {}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the registration certificate and key")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// What a connection remembers between the session's events.
+struct Pending {
+    number: String,
+    scram: ScramServer,
+    firmware: String,
+    media: SocketAddr,
+}
+
+/// Serves one registration connection from `peer` until it closes.
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: SocketAddr,
+    transport: &'static str,
+    registrar: &Registrar,
+) {
+    let Ok(mut session) = ServerSession::new(registrar.config, peer, registrar.now_ms()) else {
+        return;
+    };
+    let mut pending: Option<Pending> = None;
+    let mut registered: Option<(String, u64)> = None;
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        // Answer every event, then send what the session has to say.
+        while let Some(event) = session.poll_event() {
+            handle(
+                &mut session,
+                event,
+                &mut pending,
+                &mut registered,
+                peer,
+                transport,
+                registrar,
+            );
+        }
+        out.clear();
+        session.encode_transmits(&mut out);
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            session.connection_lost();
+            continue;
+        }
+        if session.is_closed() {
+            break;
+        }
+        let deadline = session.poll_timeout().map(|t| {
+            tokio::time::Instant::now()
+                + Duration::from_millis(t.saturating_sub(registrar.now_ms()))
+        });
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => session.connection_lost(),
+                Ok(n) => session.handle_bytes(&buf[..n], registrar.now_ms()),
+            },
+            () = sleep => session.handle_timeout(registrar.now_ms()),
+        }
+    }
+    // Events of the closing itself.
+    while let Some(event) = session.poll_event() {
+        handle(
+            &mut session,
+            event,
+            &mut pending,
+            &mut registered,
+            peer,
+            transport,
+            registrar,
+        );
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn text(s: &str) -> Text {
+    Text::lossy(s)
+}
+
+fn handle(
+    session: &mut ServerSession,
+    event: ServerEvent,
+    pending: &mut Option<Pending>,
+    registered: &mut Option<(String, u64)>,
+    peer: SocketAddr,
+    transport: &'static str,
+    registrar: &Registrar,
+) {
+    let now = registrar.now_ms();
+    match event {
+        ServerEvent::Authenticate { request, .. } => {
+            let number = request.number.as_str().to_owned();
+            if let Err(locked) = registrar.lockout().check(&number, peer.ip(), now) {
+                let retry_after_s =
+                    u32::try_from(locked.until_ms.saturating_sub(now).div_ceil(1000))
+                        .unwrap_or(u32::MAX)
+                        .max(1);
+                tracing::warn!(%peer, number, retry_after_s, "registration refused: locked out");
+                let _ = session.refuse(Refusal::LockedOut { retry_after_s }, text("locked out"));
+                return;
+            }
+            let mut scram = registrar.registry.scram_server(&number);
+            let client_first = String::from_utf8_lossy(request.client_first.as_bytes());
+            let nonce = generate_nonce(&mut rand::rng());
+            let answer = scram
+                .handle_client_first(&client_first, &nonce)
+                .map_err(|e| e.to_string())
+                .and_then(|sf| ScramMessage::new(sf).map_err(|e| e.to_string()));
+            match answer {
+                Ok(server_first) => {
+                    *pending = Some(Pending {
+                        number,
+                        scram,
+                        firmware: request.firmware.as_str().to_owned(),
+                        media: request.media_addr,
+                    });
+                    let _ = session.challenge(server_first);
+                }
+                Err(e) => {
+                    tracing::info!(%peer, number, error = %e, "registration refused: bad SCRAM message");
+                    let _ = session.refuse(Refusal::BadRequest, text(&e));
+                }
+            }
+        }
+        ServerEvent::VerifyProof { client_final } => {
+            let Some(mut p) = pending.take() else {
+                session.close_with(
+                    ErrorCode::UnexpectedMessage,
+                    text("no exchange in progress"),
+                );
+                return;
+            };
+            let client_final = String::from_utf8_lossy(client_final.as_bytes()).into_owned();
+            let server_final = match p.scram.handle_client_final(&client_final) {
+                Ok(sf) => sf,
+                Err(e) => {
+                    let outcome = registrar.lockout().failure(&p.number, peer.ip(), now);
+                    tracing::warn!(
+                        %peer, number = p.number, transport, failures = ?outcome,
+                        error = %e, "registration: authentication failed"
+                    );
+                    let _ = session.refuse(Refusal::AuthFailed, text("authentication failed"));
+                    return;
+                }
+            };
+            registrar.lockout().success(&p.number, peer.ip(), now);
+            let origin = match registrar
+                .registry
+                .may_register(&p.number, peer.ip(), &p.firmware)
+            {
+                Ok(origin) => origin,
+                Err(refusal) => {
+                    let code = match &refusal {
+                        RegistrationRefusal::WeakPassword(_)
+                        | RegistrationRefusal::WeakPasswordStored(_)
+                        | RegistrationRefusal::NoPassword
+                        | RegistrationRefusal::AuthenticationOff => Refusal::WeakPassword,
+                        RegistrationRefusal::Firmware(_)
+                        | RegistrationRefusal::FirmwareUnknown(_) => Refusal::FirmwareTooOld,
+                        RegistrationRefusal::InternetRegistrationOff => Refusal::NotAllowedExternal,
+                        RegistrationRefusal::UnknownDevice => Refusal::AuthFailed,
+                    };
+                    tracing::warn!(%peer, number = p.number, reason = %refusal, "registration refused");
+                    let _ = session.refuse(code, text(&refusal.to_string()));
+                    return;
+                }
+            };
+            let Ok(server_final) = ScramMessage::new(server_final) else {
+                session.close_with(
+                    ErrorCode::UnexpectedMessage,
+                    text("server-final message too long"),
+                );
+                return;
+            };
+            let wall = SystemTime::now();
+            let id = registrar.registry.register(
+                &p.number,
+                LiveRegistration {
+                    transport,
+                    public: peer,
+                    local: Some(p.media),
+                    firmware: p.firmware.clone(),
+                    origin,
+                    registered_at: wall,
+                    expires_at: wall,
+                    id: 0,
+                },
+            );
+            if let Some((number, old)) = registered.take() {
+                registrar.registry.unregister(&number, old);
+            }
+            *registered = Some((p.number.clone(), id));
+            let _ = session.accept(RegistrationId(id), server_final, now);
+        }
+        ServerEvent::Registered(r) => {
+            let expires = SystemTime::now() + Duration::from_secs(u64::from(r.expires_s));
+            if let Some((number, id)) = registered.as_ref() {
+                registrar.registry.keepalive(number, *id, expires);
+            }
+            tracing::info!(
+                %peer, number = r.number.as_str(), transport,
+                external = (registrar.registry.policy().networks.classify(peer.ip()) == Origin::External),
+                media = %r.media_addr, firmware = r.firmware.as_str(), "device registered"
+            );
+        }
+        ServerEvent::Closed(reason) => {
+            if let Some((number, id)) = registered.take() {
+                registrar.registry.unregister(&number, id);
+                tracing::info!(%peer, number, %reason, "device unregistered");
+            }
+        }
+    }
+}
