@@ -25,6 +25,41 @@ impl Api {
     pub fn new(service: Service) -> Api {
         Api { service }
     }
+
+    /// A request for `device` (empty: none): the device must be registered, and its channel
+    /// is an internet call exactly when it registered from outside.
+    fn for_device(
+        &self,
+        request: relay_core::Request,
+        device: &str,
+    ) -> Result<relay_core::Request, crate::error::ServiceError> {
+        use crate::error::ServiceError;
+        use relay_core::Kind;
+        if device.is_empty() {
+            return Ok(request);
+        }
+        if !matches!(
+            request.kind,
+            Kind::SystemDevice | Kind::SipDevice | Kind::MobileClient
+        ) {
+            return Err(ServiceError::invalid(
+                "device",
+                format!("a {} channel is not for a device", request.kind.name()),
+            ));
+        }
+        let devices = self.service.devices();
+        if let Err(e) = devices.get(device) {
+            return Err(ServiceError::Device(device.to_owned(), e.to_string()));
+        }
+        let Some(registration) = devices.registration(device) else {
+            return Err(ServiceError::Device(
+                device.to_owned(),
+                "not registered".to_owned(),
+            ));
+        };
+        let external = registration.origin == relay_core::device::networks::Origin::External;
+        Ok(request.with_internet(external))
+    }
 }
 
 /// Events buffered between a watcher's subscription and its HTTP/2 stream.
@@ -36,7 +71,10 @@ impl ChannelService for Api {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let result = match convert::allocate_from_pb(request.get_ref()) {
+        let device = request.get_ref().device.clone();
+        let result = match convert::allocate_from_pb(request.get_ref())
+            .and_then(|(r, spec)| Ok((self.for_device(r, &device)?, spec)))
+        {
             Ok((request, spec)) => self.service.allocate(request, spec).await,
             Err(e) => Err(e),
         };

@@ -205,6 +205,20 @@ pub fn run(command: CertCommand) -> anyhow::Result<()> {
                 std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
             };
             let ca = Ca::from_pem(&a.ca, &read("pem")?, &read("key")?, &policy)?;
+            // A server certificate cannot outlive its CA: a window reaching past the CA's end
+            // (the same --days a second later, say) ends with the CA, and the operator is told.
+            let mut validity = validity;
+            let ca_validity = ca.validity();
+            if validity.not_after > ca_validity.not_after {
+                validity.not_after = ca_validity.not_after;
+                eprintln!(
+                    "note: the certificate ends with its CA, on {} (UTC)",
+                    ca_validity.not_after
+                );
+            }
+            if validity.not_before < ca_validity.not_before {
+                validity.not_before = ca_validity.not_before;
+            }
             let request = ServerRequest {
                 serial: relay_cert::random_serial()?,
                 signature: a.subject.signature,

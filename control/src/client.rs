@@ -138,6 +138,10 @@ pub struct AllocateArgs {
     /// that send something else before their media, e.g. a DTLS-SRTP handshake.
     #[arg(long)]
     pub latch_any_payload: bool,
+    /// The registered remote device (internal number) the channel is for: its registration
+    /// decides whether it is an internet call.
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 /// `channels watch`.
@@ -336,6 +340,7 @@ pub async fn channels(c: &Connection, command: ChannelsCommand) -> anyhow::Resul
                     latching: None,
                     clock_rate: 0,
                     latch_any_payload: a.latch_any_payload,
+                    device: a.device.unwrap_or_default(),
                 })
                 .await
                 .map_err(call_error)?

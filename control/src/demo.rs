@@ -896,6 +896,7 @@ async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::R
             latching: None,
             clock_rate: 0,
             latch_any_payload: false,
+            device: String::new(),
         }),
     )
     .await?;

@@ -586,6 +586,27 @@ impl Registry {
         }
     }
 
+    /// How many devices the registry holds.
+    pub fn len(&self) -> usize {
+        self.lock().devices.len()
+    }
+
+    /// Whether the registry holds no device.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live registrations by origin: (internal, external).
+    pub fn registered_by_origin(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let external = inner
+            .registrations
+            .values()
+            .filter(|r| r.origin == Origin::External)
+            .count();
+        (inner.registrations.len() - external, external)
+    }
+
     /// The live registration of `number`.
     pub fn registration(&self, number: &str) -> Option<LiveRegistration> {
         self.lock().registrations.get(number).cloned()

@@ -38,6 +38,10 @@ pub enum ServiceError {
     /// The host refused something the relay needs (a thread, memory).
     #[error("{0}")]
     Internal(String),
+
+    /// A channel for a remote device that is not registered (or not allowed).
+    #[error("device {0}: {1}")]
+    Device(String, String),
 }
 
 impl From<relay_store::StoreError> for ServiceError {
@@ -98,6 +102,7 @@ pub fn code(e: &ServiceError) -> Code {
         // A full disk or an I/O error: another relay may take the call.
         ServiceError::Store(_) => Code::Unavailable,
         ServiceError::Internal(_) => Code::Internal,
+        ServiceError::Device(..) => Code::FailedPrecondition,
         ServiceError::Lagged(_) => Code::Aborted,
         ServiceError::Unauthenticated(_) => Code::Unauthenticated,
     }

@@ -219,11 +219,14 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
         tokio::spawn(metrics::serve(listener, exporter, service.stopping()))
     });
     // Phones' registration (TCP 4062 / TLS 4063), when configured.
-    let registrar = std::sync::Arc::new(control::registrar::Registrar::new(
-        service.devices().clone(),
-        relay_core::register::ServerConfig::default(),
-        relay_core::device::lockout::LockoutPolicy::default(),
-    ));
+    let registrar = std::sync::Arc::new(
+        control::registrar::Registrar::new(
+            service.devices().clone(),
+            relay_core::register::ServerConfig::default(),
+            relay_core::device::lockout::LockoutPolicy::default(),
+        )
+        .with_metrics(service.metrics().clone()),
+    );
     let r = &config.registration;
     for (addr, tls) in [(r.listen, false), (r.tls_listen, true)] {
         let Some(addr) = addr else { continue };

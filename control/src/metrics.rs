@@ -70,6 +70,9 @@ pub mod names {
     pub const LATCHED: &str = "homerelay_latched_endpoints_total";
     pub const USERSPACE_BATCHES: &str = "homerelay_userspace_receive_batches_total";
     pub const GRPC_DURATION: &str = "homerelay_grpc_request_duration_seconds";
+    pub const REGISTRATIONS: &str = "homerelay_registrations_total";
+    pub const REGISTERED_DEVICES: &str = "homerelay_registered_devices";
+    pub const DEVICES: &str = "homerelay_devices";
 }
 
 use names::*;
@@ -197,6 +200,38 @@ const METRICS: &[(&str, Type, &str)] = &[
         "gRPC request latency until the response headers (the whole call for unary RPCs, the \
          stream set-up for streaming ones), by service, method and status code.",
     ),
+    (
+        REGISTRATIONS,
+        Type::Counter,
+        "Registration attempts of remote devices, by transport (tcp, tls) and result: ok, or the \
+         refusal (auth_failed covers unknown devices and wrong passwords alike; locked_out, \
+         weak_password, firmware_too_old, not_allowed_external, bad_request, server_busy).",
+    ),
+    (
+        REGISTERED_DEVICES,
+        Type::Gauge,
+        "Devices registered now, by origin: internal (from the configured internal networks) or \
+         external (from the Internet, through the SBC).",
+    ),
+    (
+        DEVICES,
+        Type::Gauge,
+        "Devices in the registry (configured, registered or not).",
+    ),
+];
+
+/// Transports of [`REGISTRATIONS`].
+pub const REGISTRATION_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
+/// Results of [`REGISTRATIONS`]: `ok` and every refusal's name.
+pub const REGISTRATION_RESULTS: [&str; 8] = [
+    "ok",
+    "auth_failed",
+    "locked_out",
+    "weak_password",
+    "firmware_too_old",
+    "not_allowed_external",
+    "bad_request",
+    "server_busy",
 ];
 
 /// Histogram buckets of [`GRPC_DURATION`], in seconds: 50 µs to 5 s.
@@ -280,7 +315,9 @@ impl AllocResult {
                 | AllocError::SlotTaken(_)
                 | AllocError::LegTaken { .. } => AllocResult::Error,
             },
-            Err(ServiceError::InvalidArgument { .. }) => AllocResult::Invalid,
+            Err(ServiceError::InvalidArgument { .. } | ServiceError::Device(..)) => {
+                AllocResult::Invalid
+            }
             Err(ServiceError::DataPath(_)) => AllocResult::DataPathError,
             Err(ServiceError::ShuttingDown) => AllocResult::ShuttingDown,
             Err(ServiceError::Store(_)) => AllocResult::StoreError,
@@ -526,6 +563,14 @@ impl Metrics {
             ReleaseReason::ALL.map(|r| registry.counter(RELEASES, &[("reason", r.name())]));
         registry.events =
             EventKind::ALL.map(|e| registry.counter(CHANNEL_EVENTS, &[("event", e.name())]));
+        for transport in REGISTRATION_TRANSPORTS {
+            for result in REGISTRATION_RESULTS {
+                let _ = registry.counter(
+                    REGISTRATIONS,
+                    &[("transport", transport), ("result", result)],
+                );
+            }
+        }
         registry
             .gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
             .set(1.0);
@@ -578,6 +623,18 @@ impl Metrics {
         }
     }
 
+    /// Counts a registration attempt: `result` is `ok` or a refusal's name
+    /// ([`REGISTRATION_RESULTS`]).
+    pub fn registration(&self, transport: &'static str, result: &'static str) {
+        if let Some(r) = &self.inner {
+            r.counter(
+                REGISTRATIONS,
+                &[("transport", transport), ("result", result)],
+            )
+            .increment(1);
+        }
+    }
+
     /// Records one gRPC request.
     fn grpc(&self, method: usize, code: Code, elapsed: Duration) {
         if let Some(r) = &self.inner {
@@ -611,6 +668,13 @@ impl Metrics {
         if let Some(limit) = s.internet_call_limit {
             r.gauge(INTERNET_CALL_LIMIT, &[]).set(limit);
         }
+        let devices = service.devices();
+        r.gauge(DEVICES, &[]).set(devices.len() as f64);
+        let (internal, external) = devices.registered_by_origin();
+        r.gauge(REGISTERED_DEVICES, &[("origin", "internal")])
+            .set(internal as f64);
+        r.gauge(REGISTERED_DEVICES, &[("origin", "external")])
+            .set(external as f64);
         r.gauge(FAST_PATH_CONFIGURED, &[])
             .set(u8::from(fast_path_configured));
         r.gauge(FAST_PATH_UP, &[])

@@ -35,6 +35,7 @@ pub struct Registrar {
     config: ServerConfig,
     started: Instant,
     connections: Arc<tokio::sync::Semaphore>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Registrar {
@@ -45,7 +46,14 @@ impl Registrar {
             config,
             started: Instant::now(),
             connections: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
+            metrics: crate::metrics::Metrics::disabled(),
         }
+    }
+
+    /// Counts registration attempts in `metrics` (`homerelay_registrations_total`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Registrar {
+        self.metrics = metrics;
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -212,6 +220,19 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = stream.shutdown().await;
 }
 
+/// Sends `refusal` and counts it.
+fn refuse(
+    session: &mut ServerSession,
+    registrar: &Registrar,
+    transport: &'static str,
+    refusal: Refusal,
+    reason: Text,
+) {
+    if session.refuse(refusal, reason).is_ok() {
+        registrar.metrics.registration(transport, refusal.name());
+    }
+}
+
 fn text(s: &str) -> Text {
     Text::lossy(s)
 }
@@ -235,7 +256,13 @@ fn handle(
                         .unwrap_or(u32::MAX)
                         .max(1);
                 tracing::warn!(%peer, number, retry_after_s, "registration refused: locked out");
-                let _ = session.refuse(Refusal::LockedOut { retry_after_s }, text("locked out"));
+                refuse(
+                    session,
+                    registrar,
+                    transport,
+                    Refusal::LockedOut { retry_after_s },
+                    text("locked out"),
+                );
                 return;
             }
             let mut scram = registrar.registry.scram_server(&number);
@@ -257,7 +284,7 @@ fn handle(
                 }
                 Err(e) => {
                     tracing::info!(%peer, number, error = %e, "registration refused: bad SCRAM message");
-                    let _ = session.refuse(Refusal::BadRequest, text(&e));
+                    refuse(session, registrar, transport, Refusal::BadRequest, text(&e));
                 }
             }
         }
@@ -278,7 +305,13 @@ fn handle(
                         %peer, number = p.number, transport, failures = ?outcome,
                         error = %e, "registration: authentication failed"
                     );
-                    let _ = session.refuse(Refusal::AuthFailed, text("authentication failed"));
+                    refuse(
+                        session,
+                        registrar,
+                        transport,
+                        Refusal::AuthFailed,
+                        text("authentication failed"),
+                    );
                     return;
                 }
             };
@@ -300,7 +333,13 @@ fn handle(
                         RegistrationRefusal::UnknownDevice => Refusal::AuthFailed,
                     };
                     tracing::warn!(%peer, number = p.number, reason = %refusal, "registration refused");
-                    let _ = session.refuse(code, text(&refusal.to_string()));
+                    refuse(
+                        session,
+                        registrar,
+                        transport,
+                        code,
+                        text(&refusal.to_string()),
+                    );
                     return;
                 }
             };
@@ -329,6 +368,7 @@ fn handle(
                 registrar.registry.unregister(&number, old);
             }
             *registered = Some((p.number.clone(), id));
+            registrar.metrics.registration(transport, "ok");
             let _ = session.accept(RegistrationId(id), server_final, now);
         }
         ServerEvent::Registered(r) => {

@@ -537,6 +537,8 @@ async fn a_scrape_after_activity_has_every_series_and_passes_promtool() {
         "event",
         "path",
         "direction",
+        "transport",
+        "origin",
         "grpc_service",
         "grpc_method",
         "grpc_code",

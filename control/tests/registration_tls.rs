@@ -227,3 +227,68 @@ async fn tls_registration_speaks_only_tls_1_2_and_1_3_and_its_chain_verifies() {
     phone.unregister().await.expect("unregistered");
     let _ = stop.send(());
 }
+
+#[test]
+fn a_server_certificate_asked_to_outlive_its_ca_ends_with_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    std::fs::write(dir.path().join("pass"), "a-p12-passphrase\n").expect("write passphrase");
+    homerelay(&[
+        "cert",
+        "ca",
+        "--dir",
+        &d("ca"),
+        "--name",
+        "short-root",
+        "--org",
+        "homerelay",
+        "--cn",
+        "short root",
+        "--days",
+        "30",
+    ]);
+    homerelay(&[
+        "cert",
+        "server",
+        "--dir",
+        &d("ca"),
+        "--ca",
+        "short-root",
+        "--org",
+        "homerelay",
+        "--cn",
+        "relay",
+        "--san",
+        "127.0.0.1",
+        "--days",
+        "825",
+        "--out",
+        &d("server.p12"),
+        "--passphrase-file",
+        &d("pass"),
+    ]);
+    homerelay(&[
+        "cert",
+        "import",
+        &d("server.p12"),
+        "--passphrase-file",
+        &d("pass"),
+        "--cert-out",
+        &d("server.pem"),
+        "--key-out",
+        &d("server.key"),
+    ]);
+    let end = |file: &str| {
+        let (ok, text) = openssl(&["x509", "-noout", "-enddate", "-in", file]);
+        assert!(ok, "{text}");
+        text.trim().to_owned()
+    };
+    assert_eq!(end(&d("server.pem")), end(&d("ca/short-root.pem")));
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &d("ca/short-root.pem"),
+        &d("server.pem"),
+    ]);
+    assert!(ok, "{text}");
+}

@@ -190,6 +190,7 @@ pub fn run(data: &[u8]) {
                 latching: latching(&mut i),
                 clock_rate: i.pick(&[0, 8000, 1 << 20, (1 << 20) + 1, u32::MAX]),
                 latch_any_payload: i.bool(),
+                device: string(&mut i, &["", "4711"]),
             };
             assert_eq!(
                 pb::AllocateRequest::decode(&*r.encode_to_vec()).ok(),
@@ -275,6 +276,7 @@ fn seeds() -> Vec<Vec<u8>> {
         }),
         clock_rate: 8000,
         latch_any_payload: false,
+        device: String::new(),
     };
     let mut wire = vec![0, 0, 1, 0];
     wire.extend(alloc.encode_to_vec());

@@ -212,6 +212,12 @@ pub struct AllocateRequest {
     /// DTLS-SRTP handshake, ICE connectivity checks). Fixed for the channel's life.
     #[prost(bool, tag = "9")]
     pub latch_any_payload: bool,
+    /// The remote device the channel is for (its internal number), for the kinds SYSTEM_DEVICE,
+    /// SIP_DEVICE and MOBILE_CLIENT. The device must be registered (FAILED_PRECONDITION
+    /// otherwise); the channel counts as an internet call exactly when the device registered
+    /// from outside the internal networks (`internet` is then ignored).
+    #[prost(string, tag = "10")]
+    pub device: ::prost::alloc::string::String,
 }
 /// The channel the call leg holds.
 #[derive(Clone, PartialEq, ::prost::Message)]
