@@ -8,7 +8,7 @@
 #   - LLVM 22 development files: bpf-linker links the eBPF object with the same LLVM as that rustc.
 #   - bpf-linker 0.13.0, built against LLVM 22, into $HOMERELAY_TOOLS/bin.
 #   - a rustup toolchain `homerelay-bpf` linked to Debian's compiler, used by relay-user's build.rs.
-#   - protoc, bpftool, iproute2, ethtool, nftables and the test peers (tshark, socat...).
+#   - protoc, bpftool, iproute2, ethtool, nftables and the test peers (tshark, socat, curl...).
 #   - promtool (from Debian's prometheus package, without its server) for the metrics tests.
 #   - systemd (systemd-analyze, systemd-sysusers; nothing is started) and util-linux (setpriv)
 #     for the unit's tests: control/tests/systemd_unit.rs and control/tests/privileges.rs.
@@ -34,6 +34,7 @@ APT_PACKAGES=(
   systemd util-linux
   build-essential pkg-config
   openssl  # relay-cert's interop tests run the openssl binary
+  curl  # the apps' HTTPS API tests (control/tests/https_api.rs) drive it with curl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -102,10 +102,12 @@ pub struct ImportArgs {
     /// File holding its passphrase.
     #[arg(long)]
     pub passphrase_file: PathBuf,
-    /// Where to write the certificate chain (PEM).
+    /// Where to write the certificate chain (PEM): registration.tls_cert of a running relay
+    /// to put it in force there without a restart. An existing file is replaced atomically.
     #[arg(long)]
     pub cert_out: PathBuf,
-    /// Where to write the private key (PEM, mode 0600).
+    /// Where to write the private key (PEM, mode 0600): registration.tls_key. An existing
+    /// file is replaced atomically.
     #[arg(long)]
     pub key_out: PathBuf,
     /// The shortest RSA key accepted.
@@ -210,11 +212,15 @@ pub fn run(command: CertCommand) -> anyhow::Result<()> {
             let mut validity = validity;
             let ca_validity = ca.validity();
             if validity.not_after > ca_validity.not_after {
+                // Seconds short of the asked-for days (the CA made just before with the same
+                // --days) are not worth a note; days are.
+                if validity.not_after - ca_validity.not_after > time::Duration::DAY {
+                    eprintln!(
+                        "note: the certificate ends with its CA, on {} (UTC)",
+                        ca_validity.not_after
+                    );
+                }
                 validity.not_after = ca_validity.not_after;
-                eprintln!(
-                    "note: the certificate ends with its CA, on {} (UTC)",
-                    ca_validity.not_after
-                );
             }
             if validity.not_before < ca_validity.not_before {
                 validity.not_before = ca_validity.not_before;
@@ -252,11 +258,13 @@ pub fn run(command: CertCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|der| pem_block("CERTIFICATE", der))
                 .collect();
-            relay_cert::files::write_private(
+            // Replaced atomically: a running relay serving these files (its certificate store)
+            // sees the old pair or the new one, and picks the new one up within seconds.
+            relay_cert::files::replace_private(
                 &a.key_out,
                 pem_block("PRIVATE KEY", &contents.key_der).as_bytes(),
             )?;
-            relay_cert::files::write_public(&a.cert_out, pem.as_bytes())?;
+            relay_cert::files::replace_public(&a.cert_out, pem.as_bytes())?;
             println!(
                 "imported: {} and {}",
                 a.cert_out.display(),

@@ -495,7 +495,7 @@ fn state_name(s: i32) -> String {
     }
 }
 
-fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
+pub(crate) fn time_text(t: Option<&prost_types::Timestamp>) -> Option<String> {
     let t = SystemTime::try_from(*t?).ok()?;
     Some(humantime::format_rfc3339_millis(t).to_string())
 }

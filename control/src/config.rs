@@ -37,9 +37,9 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: &str, message: impl fmt::Display) -> ConfigError {
+    fn new(key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
         ConfigError {
-            key: key.to_owned(),
+            key: key.into(),
             message: message.to_string(),
         }
     }
@@ -65,12 +65,12 @@ pub struct Config {
     pub store: StoreSection,
     /// Remote devices and the SBC's rules for them.
     pub devices: DevicesSection,
-    /// The registration service of remote phones (TCP 4062, TLS 4063).
+    /// The registration service of remote phones (TCP 4062, TLS 4063) and apps (HTTPS 8802).
     pub registration: RegistrationSection,
 }
 
 /// `[registration]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationSection {
     /// Plain TCP address of the phones' registration (e.g. `0.0.0.0:4062`); unset: off.
@@ -82,6 +82,78 @@ pub struct RegistrationSection {
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of the TLS listener.
     pub tls_key: Option<PathBuf>,
+    /// HTTPS address of the apps' JSON registration API (myPortal to go, myPortal @work; e.g.
+    /// `0.0.0.0:8802`, see docs/https-api.md); uses `tls_cert` and `tls_key`; unset: off.
+    pub https_listen: Option<SocketAddr>,
+    /// Failed logins of one device in a row before it is locked out (every transport).
+    pub lockout_device_failures: u32,
+    /// Failed logins from one source address before it is locked out.
+    pub lockout_source_failures: u32,
+    /// The first lockout; each further failure doubles it.
+    #[serde(deserialize_with = "de_duration")]
+    pub lockout_first: Duration,
+    /// The longest lockout.
+    #[serde(deserialize_with = "de_duration")]
+    pub lockout_max: Duration,
+}
+
+impl Default for RegistrationSection {
+    fn default() -> Self {
+        let lockout = relay_core::device::lockout::LockoutPolicy::default();
+        RegistrationSection {
+            listen: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            https_listen: None,
+            lockout_device_failures: lockout.device_threshold,
+            lockout_source_failures: lockout.source_threshold,
+            lockout_first: Duration::from_millis(lockout.base_ms),
+            lockout_max: Duration::from_millis(lockout.cap_ms),
+        }
+    }
+}
+
+impl RegistrationSection {
+    /// The brute-force lockout of `[registration]`.
+    pub fn lockout_policy(
+        &self,
+    ) -> Result<relay_core::device::lockout::LockoutPolicy, ConfigError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        for (key, n) in [
+            (
+                "registration.lockout_device_failures",
+                self.lockout_device_failures,
+            ),
+            (
+                "registration.lockout_source_failures",
+                self.lockout_source_failures,
+            ),
+        ] {
+            if !(1..=1000).contains(&n) {
+                return Err(ConfigError::new(key, "must be 1 to 1000"));
+            }
+        }
+        if self.lockout_first < Duration::from_secs(1) || self.lockout_first > self.lockout_max {
+            return Err(ConfigError::new(
+                "registration.lockout_first",
+                "must be at least 1s and at most registration.lockout_max",
+            ));
+        }
+        if self.lockout_max > Duration::from_secs(7 * 24 * 3600) {
+            return Err(ConfigError::new(
+                "registration.lockout_max",
+                "must be at most 7 days",
+            ));
+        }
+        Ok(relay_core::device::lockout::LockoutPolicy {
+            device_threshold: self.lockout_device_failures,
+            source_threshold: self.lockout_source_failures,
+            base_ms: ms(self.lockout_first),
+            cap_ms: ms(self.lockout_max),
+            ..relay_core::device::lockout::LockoutPolicy::default()
+        })
+    }
 }
 
 /// `[devices]`.
@@ -95,6 +167,10 @@ pub struct DevicesSection {
     pub password_iterations: u32,
     /// Shortest password the policy accepts.
     pub min_password_length: usize,
+    /// Minimum firmware for Internet registration per device type (a type name as in
+    /// `homerelay devices create --type`), replacing the built-in one: `"V3 R0.40.4"` (this or
+    /// newer), `"> V2.0.12"` (newer only) or `"none"`.
+    pub firmware_minimums: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for DevicesSection {
@@ -106,6 +182,7 @@ impl Default for DevicesSection {
                 .collect(),
             password_iterations: relay_core::device::scram::DEFAULT_ITERATIONS,
             min_password_length: relay_core::device::password::PasswordPolicy::default().min_length,
+            firmware_minimums: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -482,11 +559,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.layout()?;
         self.registry_policy()?;
+        self.registration.lockout_policy()?;
         let r = &self.registration;
         if r.tls_listen.is_some() && (r.tls_cert.is_none() || r.tls_key.is_none()) {
             return Err(ConfigError::new(
                 "registration.tls_listen",
                 "needs registration.tls_cert and registration.tls_key",
+            ));
+        }
+        if r.https_listen.is_some() && (r.tls_cert.is_none() || r.tls_key.is_none()) {
+            return Err(ConfigError::new(
+                "registration.https_listen",
+                "the apps' HTTPS API needs registration.tls_cert and registration.tls_key",
             ));
         }
         if self.relay.workers > 1024 {
@@ -726,8 +810,15 @@ impl Config {
             ));
         }
         passwords.min_length = d.min_password_length;
+        let mut firmware = relay_core::device::firmware::FirmwarePolicy::default();
+        for (device, minimum) in &d.firmware_minimums {
+            firmware.apply_override(device, minimum).map_err(|e| {
+                ConfigError::new(format!("devices.firmware_minimums.{device}"), e.to_string())
+            })?;
+        }
         Ok(crate::devices::RegistryPolicy {
             passwords,
+            firmware,
             networks,
             iterations: d.password_iterations,
             ..crate::devices::RegistryPolicy::default()
@@ -832,6 +923,116 @@ mod tests {
         assert_eq!(c.api.max_requests_per_connection, 32);
         assert_eq!(c.api.tls_handshake_timeout, Duration::from_secs(5));
         assert_eq!(c.api.shutdown_grace, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_apps_https_api_needs_the_tls_certificate() {
+        let c = Config::from_toml("").expect("valid");
+        assert_eq!(c.registration.https_listen, None, "off by default");
+        let e = Config::from_toml("[registration]\nhttps_listen = \"0.0.0.0:8802\"\n")
+            .expect_err("no certificate");
+        assert_eq!(e.key, "registration.https_listen");
+        assert!(e.message.contains("registration.tls_cert"), "{e}");
+        let c = Config::from_toml(
+            "[registration]\nhttps_listen = \"0.0.0.0:8802\"\n\
+             tls_cert = \"/etc/homerelay/relay.pem\"\ntls_key = \"/etc/homerelay/relay.key\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.registration.https_listen,
+            Some(SocketAddr::from(([0, 0, 0, 0], 8802)))
+        );
+        assert!(err("[registration]\nhttps_listen = \"8802\"\n").contains("https_listen"));
+    }
+
+    #[test]
+    fn lockout_and_firmware_minimums_are_configurable_and_checked() {
+        let c = Config::from_toml(
+            "[registration]\nlockout_device_failures = 3\nlockout_first = \"1m\"\n\
+             lockout_max = \"2h\"\n[devices]\n\
+             firmware_minimums = { openstage_hfa = \"V3 R1.0.0\", sip_device = \"none\" }\n",
+        )
+        .expect("valid");
+        let lockout = c.registration.lockout_policy().expect("lockout");
+        assert_eq!(
+            (lockout.device_threshold, lockout.source_threshold),
+            (3, 20)
+        );
+        assert_eq!((lockout.base_ms, lockout.cap_ms), (60_000, 7_200_000));
+        let policy = c.registry_policy().expect("policy");
+        use relay_core::device::DeviceType;
+        assert!(
+            policy
+                .firmware
+                .check(DeviceType::OpenStageHfa, "V3 R0.40.4")
+                .is_err(),
+            "the raised minimum refuses what the built-in one admits"
+        );
+        assert!(
+            policy
+                .firmware
+                .check(DeviceType::OpenStageHfa, "V3 R1.0.0")
+                .is_ok()
+        );
+        // The defaults are the built-in policy's.
+        let d = Config::from_toml("").expect("valid");
+        assert_eq!(
+            d.registration.lockout_policy().expect("lockout"),
+            relay_core::device::lockout::LockoutPolicy::default()
+        );
+        for (text, key) in [
+            (
+                "[registration]\nlockout_device_failures = 0\n",
+                "registration.lockout_device_failures",
+            ),
+            (
+                "[registration]\nlockout_first = \"2h\"\n",
+                "registration.lockout_first",
+            ),
+            (
+                "[registration]\nlockout_max = \"30d\"\n",
+                "registration.lockout_max",
+            ),
+            (
+                "[devices]\nfirmware_minimums = { toaster = \"V1\" }\n",
+                "devices.firmware_minimums.toaster",
+            ),
+            (
+                "[devices]\nfirmware_minimums = { openstage_hfa = \"soon\" }\n",
+                "devices.firmware_minimums.openstage_hfa",
+            ),
+        ] {
+            let e = Config::from_toml(text).expect_err(text);
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_example_registration_section_uncommented_is_valid() {
+        // The example leaves the listeners off; its commented keys, switched on, must be the
+        // real keys with valid values.
+        let text = include_str!("../../deploy/homerelay.toml");
+        let section: String = text
+            .lines()
+            .skip_while(|l| l.trim() != "[registration]")
+            .take_while(|l| !l.starts_with('[') || l.trim() == "[registration]")
+            .filter_map(|l| {
+                if l.starts_with('[') {
+                    return Some(l.to_owned());
+                }
+                let l = l.strip_prefix("# ")?;
+                let (key, _) = l.split_once(" = ")?;
+                key.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                    .then(|| l.to_owned())
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let c = Config::from_toml(&section).unwrap_or_else(|e| panic!("{section}: {e}"));
+        let r = &c.registration;
+        assert!(r.listen.is_some() && r.tls_listen.is_some(), "{section}");
+        assert_eq!(r.https_listen.map(|a| a.port()), Some(8802), "{section}");
+        assert!(r.tls_cert.is_some() && r.tls_key.is_some(), "{section}");
     }
 
     #[test]

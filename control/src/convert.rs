@@ -179,7 +179,7 @@ fn duration_to_pb(d: Duration) -> prost_types::Duration {
     }
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 

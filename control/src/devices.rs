@@ -265,6 +265,7 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     policy: RegistryPolicy,
+    events: crate::device_events::DeviceEvents,
     /// Keys the fake SCRAM answers for unknown devices (stable for this run).
     pepper: [u8; 32],
 }
@@ -313,6 +314,7 @@ impl Registry {
                 next_registration: 1,
             }),
             policy,
+            events: crate::device_events::DeviceEvents::default(),
             pepper,
         })
     }
@@ -329,6 +331,7 @@ impl Registry {
                 next_registration: 1,
             }),
             policy,
+            events: crate::device_events::DeviceEvents::default(),
             pepper,
         }
     }
@@ -336,6 +339,69 @@ impl Registry {
     /// The rules in force.
     pub fn policy(&self) -> &RegistryPolicy {
         &self.policy
+    }
+
+    /// The device event bus (registrations, refusals, lockouts, refused calls).
+    pub fn events(&self) -> &crate::device_events::DeviceEvents {
+        &self.events
+    }
+
+    fn publish(
+        &self,
+        kind: crate::device_events::DeviceEventKind,
+        number: &str,
+        transport: &'static str,
+        source: Option<SocketAddr>,
+        reason: &str,
+    ) {
+        let external =
+            source.is_some_and(|s| self.policy.networks.classify(s.ip()) == Origin::External);
+        self.events.publish(crate::device_events::DeviceEvent {
+            kind,
+            number: number.to_owned(),
+            transport,
+            source,
+            external,
+            reason: reason.to_owned(),
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Publishes a refused registration of `number` from `source` over `transport`: `reason`
+    /// is the refusal's name (`locked_out` included).
+    pub fn registration_refused(
+        &self,
+        number: &str,
+        transport: &'static str,
+        source: SocketAddr,
+        reason: &str,
+    ) {
+        use crate::device_events::DeviceEventKind;
+        self.publish(
+            DeviceEventKind::RegistrationRefused,
+            number,
+            transport,
+            Some(source),
+            reason,
+        );
+    }
+
+    /// Publishes that repeated failures locked `number` or `source` out (`reason`: which).
+    pub fn locked_out(
+        &self,
+        number: &str,
+        transport: &'static str,
+        source: SocketAddr,
+        reason: &str,
+    ) {
+        use crate::device_events::DeviceEventKind;
+        self.publish(
+            DeviceEventKind::LockedOut,
+            number,
+            transport,
+            Some(source),
+            reason,
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -450,7 +516,18 @@ impl Registry {
         }
         inner.devices.remove(number);
         let registration = inner.registrations.remove(number);
-        Ok(self.view(&record, registration.as_ref()))
+        let view = self.view(&record, registration.as_ref());
+        drop(inner);
+        if let Some(r) = registration {
+            self.publish(
+                crate::device_events::DeviceEventKind::Unregistered,
+                number,
+                r.transport,
+                Some(r.public),
+                "device deleted",
+            );
+        }
+        Ok(view)
     }
 
     /// One device.
@@ -491,12 +568,25 @@ impl Registry {
             .get(number)
             .map_or(Origin::External, |r| r.origin);
         let cos = ClassOfService::from(record.class_of_service);
-        Ok((
-            origin,
-            self.policy
-                .calls
-                .authorize_call(cos, origin, target, forwarding),
-        ))
+        let transport = inner.registrations.get(number).map_or("", |r| r.transport);
+        let source = inner.registrations.get(number).map(|r| r.public);
+        drop(inner);
+        let decision = self
+            .policy
+            .calls
+            .authorize_call(cos, origin, target, forwarding);
+        if let Err(refusal) = &decision {
+            self.events.publish(crate::device_events::DeviceEvent {
+                kind: crate::device_events::DeviceEventKind::CallRefused,
+                number: number.to_owned(),
+                transport,
+                source,
+                external: origin == Origin::External,
+                reason: refusal.to_string(),
+                at: SystemTime::now(),
+            });
+        }
+        Ok((origin, decision))
     }
 
     /// The SCRAM server for a registration of `number`: the device's verifier, or — for an
@@ -559,7 +649,16 @@ impl Registry {
         registration.id = inner.next_registration;
         inner.next_registration += 1;
         let id = registration.id;
+        let (transport, source) = (registration.transport, registration.public);
         inner.registrations.insert(number.to_owned(), registration);
+        drop(inner);
+        self.publish(
+            crate::device_events::DeviceEventKind::Registered,
+            number,
+            transport,
+            Some(source),
+            "",
+        );
         id
     }
 
@@ -579,7 +678,17 @@ impl Registry {
     pub fn unregister(&self, number: &str, id: u64) -> bool {
         let mut inner = self.lock();
         if inner.registrations.get(number).is_some_and(|r| r.id == id) {
-            inner.registrations.remove(number);
+            let ended = inner.registrations.remove(number);
+            drop(inner);
+            if let Some(r) = ended {
+                self.publish(
+                    crate::device_events::DeviceEventKind::Unregistered,
+                    number,
+                    r.transport,
+                    Some(r.public),
+                    "",
+                );
+            }
             true
         } else {
             false

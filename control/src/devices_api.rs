@@ -12,14 +12,59 @@ use tonic::{Code, Request, Response, Status};
 use crate::devices::{DeviceChange, DeviceError, DeviceView, NewDevice, Registry};
 
 /// The service's handlers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DevicesApi {
     registry: Arc<Registry>,
+    /// Ends the event streams when the relay shuts down.
+    service: Option<crate::service::Service>,
 }
 
+impl std::fmt::Debug for DevicesApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicesApi").finish_non_exhaustive()
+    }
+}
+
+/// Device events buffered between the bus and a client's HTTP/2 stream.
+const WATCH_STREAM_BUFFER: usize = 256;
+
 impl DevicesApi {
+    /// Handlers over `registry`; event streams end only when their client goes away.
     pub fn new(registry: Arc<Registry>) -> DevicesApi {
-        DevicesApi { registry }
+        DevicesApi {
+            registry,
+            service: None,
+        }
+    }
+
+    /// Handlers over `service`'s registry; event streams end when it shuts down.
+    pub fn for_service(service: &crate::service::Service) -> DevicesApi {
+        DevicesApi {
+            registry: service.devices().clone(),
+            service: Some(service.clone()),
+        }
+    }
+}
+
+/// A device event as sent on `WatchDevices`.
+pub fn device_event_to_pb(e: &crate::device_events::DeviceEvent) -> pb::DeviceEvent {
+    use crate::device_events::DeviceEventKind as K;
+    use pb::DeviceEventType as T;
+    let kind = match e.kind {
+        K::Registered => T::Registered,
+        K::Unregistered => T::Unregistered,
+        K::RegistrationRefused => T::RegistrationRefused,
+        K::LockedOut => T::LockedOut,
+        K::CallRefused => T::CallRefused,
+    };
+    pb::DeviceEvent {
+        r#type: kind as i32,
+        number: e.number.clone(),
+        transport: e.transport.to_owned(),
+        source: e.source.map(|s| s.to_string()).unwrap_or_default(),
+        external: e.external,
+        reason: e.reason.clone(),
+        at: Some(crate::convert::timestamp(e.at)),
     }
 }
 
@@ -219,6 +264,57 @@ impl pb::device_service_server::DeviceService for DevicesApi {
         Ok(Response::new(pb::ListDevicesResponse {
             devices: self.registry.list().iter().map(device_to_pb).collect(),
         }))
+    }
+
+    type WatchDevicesStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::DeviceEvent, Status>> + Send>>;
+
+    async fn watch_devices(
+        &self,
+        request: Request<pb::WatchDevicesRequest>,
+    ) -> Result<Response<Self::WatchDevicesStream>, Status> {
+        use tokio::sync::broadcast::error::RecvError;
+        let number = request.into_inner().number;
+        if !number.is_empty() {
+            crate::devices::check_number(&number).map_err(|e| to_status(&e))?;
+        }
+        let mut events = self.registry.events().subscribe();
+        let stopping = self.service.as_ref().map(crate::service::Service::stopping);
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_STREAM_BUFFER);
+        // Ends when the relay shuts down, the subscriber lags (after telling the client), or
+        // the client goes away.
+        tokio::spawn(async move {
+            let stopping = async move {
+                match stopping {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let mut stopping = std::pin::pin!(stopping);
+            loop {
+                let item = tokio::select! {
+                    () = tx.closed() => return,
+                    () = &mut stopping => return,
+                    item = events.recv() => item,
+                };
+                let message = match item {
+                    Ok(e) if !number.is_empty() && e.number != number => continue,
+                    Ok(e) => Ok(device_event_to_pb(&e)),
+                    Err(RecvError::Lagged(n)) => Err(Status::aborted(format!(
+                        "the watcher fell behind and missed {n} device events; list the \
+                         devices and watch again"
+                    ))),
+                    Err(RecvError::Closed) => return,
+                };
+                let last = message.is_err();
+                if tx.send(message).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn authorize_call(

@@ -44,6 +44,12 @@ pub enum DevicesCommand {
         #[arg(long)]
         forwarding: bool,
     },
+    /// Print device events as they happen (registrations, refusals with their source,
+    /// lockouts, refused calls) until interrupted; one line each, or JSON lines with --json.
+    Watch {
+        /// Only this device's events (default: every device).
+        number: Option<String>,
+    },
 }
 
 /// Where a password comes from.
@@ -287,6 +293,50 @@ pub async fn run(c: &Connection, command: DevicesCommand) -> anyhow::Result<()> 
             }
             if !r.allowed {
                 std::process::exit(3);
+            }
+        }
+        DevicesCommand::Watch { number } => {
+            let mut stream = client
+                .watch_devices(pb::WatchDevicesRequest {
+                    number: number.unwrap_or_default(),
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            while let Some(event) = stream.message().await.map_err(call_error)? {
+                let kind =
+                    pb::DeviceEventType::try_from(event.r#type).map_or("unknown", |t| match t {
+                        pb::DeviceEventType::Registered => "registered",
+                        pb::DeviceEventType::Unregistered => "unregistered",
+                        pb::DeviceEventType::RegistrationRefused => "registration_refused",
+                        pb::DeviceEventType::LockedOut => "locked_out",
+                        pb::DeviceEventType::CallRefused => "call_refused",
+                        pb::DeviceEventType::Unspecified => "unspecified",
+                    });
+                let at = crate::client::time_text(event.at.as_ref()).unwrap_or_default();
+                if c.json {
+                    println!(
+                        "{}",
+                        json!({"type": kind, "number": event.number, "transport": event.transport,
+                               "source": event.source, "external": event.external,
+                               "reason": event.reason, "at": at})
+                    );
+                } else {
+                    let mut line = format!("{at}  {kind:<21} {}", event.number);
+                    for (label, value) in [
+                        ("via", event.transport.as_str()),
+                        ("from", event.source.as_str()),
+                        ("reason", event.reason.as_str()),
+                    ] {
+                        if !value.is_empty() {
+                            line.push_str(&format!("  {label} {value}"));
+                        }
+                    }
+                    if event.external {
+                        line.push_str("  (external)");
+                    }
+                    println!("{line}");
+                }
             }
         }
     }

@@ -9,17 +9,20 @@
 
 pub mod api;
 pub mod cert_cli;
+pub mod certstore;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod demo;
+pub mod device_events;
 pub mod devices;
 pub mod devices_api;
 pub mod devices_cli;
 pub mod error;
 pub mod host;
+pub mod https_api;
 pub mod metrics;
 pub mod notify;
 pub mod persist;

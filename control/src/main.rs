@@ -223,15 +223,44 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
         control::registrar::Registrar::new(
             service.devices().clone(),
             relay_core::register::ServerConfig::default(),
-            relay_core::device::lockout::LockoutPolicy::default(),
+            config.registration.lockout_policy()?,
         )
         .with_metrics(service.metrics().clone()),
     );
     let r = &config.registration;
+    // One certificate store for TLS 4063 and HTTPS 8802 (and the gRPC API when [api.tls]
+    // names the same files): a replaced certificate is in force within seconds, no restart.
+    let certs = match (&r.tls_cert, &r.tls_key) {
+        (Some(cert), Some(key)) if r.tls_listen.is_some() || r.https_listen.is_some() => {
+            let store = control::certstore::CertStore::open(cert, key).with_context(
+                || "the registration certificate (registration.tls_cert, registration.tls_key)",
+            )?;
+            log::info!(
+                "registration TLS certificate {} (SHA-256 {}); replaced files are picked up \
+                 within {} s",
+                cert.display(),
+                store.fingerprint(),
+                control::certstore::WATCH_INTERVAL.as_secs()
+            );
+            let api_shares = config
+                .api
+                .tls
+                .as_ref()
+                .is_some_and(|t| store.reads(&t.cert, &t.key));
+            let api_credentials = credentials.clone();
+            tokio::spawn(store.clone().watch(service.stopping(), move || {
+                if api_shares {
+                    api_credentials.reload_and_log();
+                }
+            }));
+            Some(store)
+        }
+        _ => None,
+    };
     for (addr, tls) in [(r.listen, false), (r.tls_listen, true)] {
         let Some(addr) = addr else { continue };
-        let acceptor = match (tls, &r.tls_cert, &r.tls_key) {
-            (true, Some(cert), Some(key)) => Some(control::registrar::tls_acceptor(cert, key)?),
+        let acceptor = match (tls, &certs) {
+            (true, Some(store)) => Some(store.acceptor(&[])?),
             _ => None,
         };
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -248,6 +277,25 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
             listener,
             acceptor,
             registrar.clone(),
+            service.stopping(),
+        ));
+    }
+    // The apps' JSON API over HTTPS (8802), when configured: the same registrar (registry,
+    // lockout shared with 4062/4063, metrics); its registrations end when it stops.
+    if let (Some(addr), Some(store)) = (r.https_listen, &certs) {
+        let acceptor = store.acceptor(&[b"http/1.1"])?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the apps' HTTPS API on {addr} (registration.https_listen)")
+        })?;
+        log::info!("app registration (HTTPS JSON API, TLS 1.2/1.3) on {addr}");
+        let api = std::sync::Arc::new(control::https_api::HttpsApi::new(
+            registrar.clone(),
+            control::https_api::HttpsConfig::default(),
+        ));
+        tokio::spawn(control::https_api::serve(
+            listener,
+            acceptor,
+            api,
             service.stopping(),
         ));
     }
@@ -275,6 +323,9 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
             _ = sighup.recv() => {
                 log::info!("SIGHUP received");
                 credentials.reload_and_log();
+                if let Some(store) = &certs {
+                    store.reload_and_log(true);
+                }
             }
             r = &mut server => break Some(r),
         }

@@ -203,7 +203,7 @@ const METRICS: &[(&str, Type, &str)] = &[
     (
         REGISTRATIONS,
         Type::Counter,
-        "Registration attempts of remote devices, by transport (tcp, tls) and result: ok, or the \
+        "Registration attempts of remote devices, by transport (tcp, tls, https) and result: ok, or the \
          refusal (auth_failed covers unknown devices and wrong passwords alike; locked_out, \
          weak_password, firmware_too_old, not_allowed_external, bad_request, server_busy).",
     ),
@@ -220,8 +220,8 @@ const METRICS: &[(&str, Type, &str)] = &[
     ),
 ];
 
-/// Transports of [`REGISTRATIONS`].
-pub const REGISTRATION_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
+/// Transports of [`REGISTRATIONS`]: phones on TCP 4062 and TLS 4063, apps on HTTPS 8802.
+pub const REGISTRATION_TRANSPORTS: [&str; 3] = ["tcp", "tls", "https"];
 /// Results of [`REGISTRATIONS`]: `ok` and every refusal's name.
 pub const REGISTRATION_RESULTS: [&str; 8] = [
     "ok",
@@ -332,7 +332,7 @@ impl AllocResult {
 
 /// The gRPC methods served, as `(path, service label, method label)`; any other path is
 /// counted as `unknown` (a client can send any path: it must not become a label).
-const GRPC_METHODS: [(&str, &str, &str); 18] = [
+const GRPC_METHODS: [(&str, &str, &str); 19] = [
     (
         "/relay.v1.ChannelService/Allocate",
         "relay.v1.ChannelService",
@@ -397,6 +397,11 @@ const GRPC_METHODS: [(&str, &str, &str); 18] = [
         "/relay.v1.DeviceService/AuthorizeCall",
         "relay.v1.DeviceService",
         "AuthorizeCall",
+    ),
+    (
+        "/relay.v1.DeviceService/WatchDevices",
+        "relay.v1.DeviceService",
+        "WatchDevices",
     ),
     (
         "/grpc.health.v1.Health/Check",

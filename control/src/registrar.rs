@@ -6,11 +6,11 @@
 //! Invariant: an unknown device and a wrong password get the same exchange and the same
 //! answer (`auth_failed` after the proof), every failure is counted per device and per source
 //! and logged with its source, and a connection's registration ends with the connection.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use relay_core::device::lockout::{Lockout, LockoutPolicy};
+use relay_core::device::lockout::{FailureOutcome, Lockout, LockoutPolicy};
 use relay_core::device::networks::Origin;
 use relay_core::device::registration::RegistrationRefusal;
 use relay_core::device::scram::{ScramServer, generate_nonce};
@@ -58,6 +58,44 @@ impl Registrar {
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The device registry registrations go to.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The metrics attempts are counted in.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The keepalive and handshake rules of the registrar.
+    pub fn config(&self) -> ServerConfig {
+        self.config
+    }
+
+    /// Whether `number` may try to log in from `source` now; if locked out (per device or per
+    /// source, shared by every transport), the seconds until it may (at least 1).
+    pub fn login_allowed(&self, number: &str, source: IpAddr) -> Result<(), u32> {
+        let now = self.now_ms();
+        self.lockout().check(number, source, now).map_err(|locked| {
+            u32::try_from(locked.until_ms.saturating_sub(now).div_ceil(1000))
+                .unwrap_or(u32::MAX)
+                .max(1)
+        })
+    }
+
+    /// Counts a failed login of `number` from `source` towards the lockout.
+    pub fn login_failed(&self, number: &str, source: IpAddr) -> FailureOutcome {
+        let now = self.now_ms();
+        self.lockout().failure(number, source, now)
+    }
+
+    /// Resets the device's failure count after a successful login.
+    pub fn login_succeeded(&self, number: &str, source: IpAddr) {
+        let now = self.now_ms();
+        self.lockout().success(number, source, now);
     }
 
     fn lockout(&self) -> std::sync::MutexGuard<'_, Lockout> {
@@ -123,6 +161,16 @@ pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(
+        cert, key,
+    )?)))
+}
+
+/// The TLS server configuration of [`tls_acceptor`] (no ALPN), for listeners that add to it.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
     use anyhow::Context as _;
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -132,7 +180,7 @@ pub fn tls_acceptor(
     anyhow::ensure!(!certs.is_empty(), "{}: no PEM certificate", cert.display());
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading the private key {}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -140,7 +188,30 @@ pub fn tls_acceptor(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .context("the registration certificate and key")?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    // Session resumption for any number of phones: stateless tickets sealed with a key of this
+    // process (rotated every 6 h; a restart invalidates them) instead of rustls's default
+    // in-memory cache of 256 sessions, which with two tickets per handshake forgot a phone's
+    // session after 128 other handshakes — beyond ~128 phones nothing resumed, and every
+    // reconnect paid a full handshake (reg-load, BENCHMARKS.md). A resumed TLS 1.3 handshake
+    // still runs a fresh ECDHE exchange (rustls offers only psk_dhe_ke).
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().context("the TLS session ticket key")?;
+    Ok(config)
+}
+
+/// The refusal the registration protocol (and the HTTPS API) answers a policy refusal with.
+pub fn refusal_of(refusal: &RegistrationRefusal) -> Refusal {
+    match refusal {
+        RegistrationRefusal::WeakPassword(_)
+        | RegistrationRefusal::WeakPasswordStored(_)
+        | RegistrationRefusal::NoPassword
+        | RegistrationRefusal::AuthenticationOff => Refusal::WeakPassword,
+        RegistrationRefusal::Firmware(_) | RegistrationRefusal::FirmwareUnknown(_) => {
+            Refusal::FirmwareTooOld
+        }
+        RegistrationRefusal::InternetRegistrationOff => Refusal::NotAllowedExternal,
+        RegistrationRefusal::UnknownDevice => Refusal::AuthFailed,
+    }
 }
 
 /// What a connection remembers between the session's events.
@@ -220,16 +291,19 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = stream.shutdown().await;
 }
 
-/// Sends `refusal` and counts it.
+/// Sends `refusal` of `number`'s registration from `peer`, counts it and publishes it.
 fn refuse(
     session: &mut ServerSession,
     registrar: &Registrar,
-    transport: &'static str,
+    (transport, number, peer): (&'static str, &str, SocketAddr),
     refusal: Refusal,
     reason: Text,
 ) {
     if session.refuse(refusal, reason).is_ok() {
         registrar.metrics.registration(transport, refusal.name());
+        registrar
+            .registry
+            .registration_refused(number, transport, peer, refusal.name());
     }
 }
 
@@ -259,7 +333,7 @@ fn handle(
                 refuse(
                     session,
                     registrar,
-                    transport,
+                    (transport, &number, peer),
                     Refusal::LockedOut { retry_after_s },
                     text("locked out"),
                 );
@@ -284,7 +358,13 @@ fn handle(
                 }
                 Err(e) => {
                     tracing::info!(%peer, number, error = %e, "registration refused: bad SCRAM message");
-                    refuse(session, registrar, transport, Refusal::BadRequest, text(&e));
+                    refuse(
+                        session,
+                        registrar,
+                        (transport, &number, peer),
+                        Refusal::BadRequest,
+                        text(&e),
+                    );
                 }
             }
         }
@@ -301,6 +381,14 @@ fn handle(
                 Ok(sf) => sf,
                 Err(e) => {
                     let outcome = registrar.lockout().failure(&p.number, peer.ip(), now);
+                    if outcome.locked.is_some() {
+                        registrar.registry.locked_out(
+                            &p.number,
+                            transport,
+                            peer,
+                            "repeated authentication failures",
+                        );
+                    }
                     tracing::warn!(
                         %peer, number = p.number, transport, failures = ?outcome,
                         error = %e, "registration: authentication failed"
@@ -308,7 +396,7 @@ fn handle(
                     refuse(
                         session,
                         registrar,
-                        transport,
+                        (transport, &p.number, peer),
                         Refusal::AuthFailed,
                         text("authentication failed"),
                     );
@@ -322,21 +410,12 @@ fn handle(
             {
                 Ok(origin) => origin,
                 Err(refusal) => {
-                    let code = match &refusal {
-                        RegistrationRefusal::WeakPassword(_)
-                        | RegistrationRefusal::WeakPasswordStored(_)
-                        | RegistrationRefusal::NoPassword
-                        | RegistrationRefusal::AuthenticationOff => Refusal::WeakPassword,
-                        RegistrationRefusal::Firmware(_)
-                        | RegistrationRefusal::FirmwareUnknown(_) => Refusal::FirmwareTooOld,
-                        RegistrationRefusal::InternetRegistrationOff => Refusal::NotAllowedExternal,
-                        RegistrationRefusal::UnknownDevice => Refusal::AuthFailed,
-                    };
+                    let code = refusal_of(&refusal);
                     tracing::warn!(%peer, number = p.number, reason = %refusal, "registration refused");
                     refuse(
                         session,
                         registrar,
-                        transport,
+                        (transport, &p.number, peer),
                         code,
                         text(&refusal.to_string()),
                     );

@@ -520,7 +520,7 @@ pub async fn serve_with(
         handshake_timeout: limits.tls_handshake_timeout,
         kill,
     });
-    let devices = crate::devices_api::DevicesApi::new(service.devices().clone());
+    let devices = crate::devices_api::DevicesApi::for_service(&service);
     let served = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .concurrency_limit_per_connection(limits.max_requests_per_connection)

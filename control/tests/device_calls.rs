@@ -246,3 +246,154 @@ async fn a_phone_registered_from_inside_makes_an_internal_call() {
     assert!(!channel.internet, "a phone inside makes no internet call");
     within(relay.service.shutdown()).await;
 }
+
+/// The next device event of `stream` (within the test's bound).
+async fn next_event(stream: &mut tonic::Streaming<pb::DeviceEvent>) -> pb::DeviceEvent {
+    within(stream.message())
+        .await
+        .expect("the stream is healthy")
+        .expect("an event")
+}
+
+#[tokio::test]
+async fn registrations_refusals_lockouts_and_refused_calls_go_on_the_device_event_stream() {
+    use proto::v1::device_service_client::DeviceServiceClient;
+    let server = common::TestServer::start(Setup::new(42720, 42729)).await;
+    let registrar_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("bind the registrar");
+    let registrar_addr = registrar_listener.local_addr().expect("address");
+    let registrar = std::sync::Arc::new(Registrar::new(
+        server.service.devices().clone(),
+        ServerConfig::default(),
+        LockoutPolicy::default(),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(registrar::serve(
+        registrar_listener,
+        None,
+        registrar,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    server
+        .service
+        .devices()
+        .create(phone("4711", false))
+        .expect("create");
+    let mut devices = within(DeviceServiceClient::connect(server.url.clone()))
+        .await
+        .expect("connect");
+    let mut all = devices
+        .watch_devices(pb::WatchDevicesRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    // A watcher of another device sees none of this.
+    let mut other = devices
+        .watch_devices(pb::WatchDevicesRequest {
+            number: "999".into(),
+        })
+        .await
+        .expect("watch 999")
+        .into_inner();
+    let e = devices
+        .watch_devices(pb::WatchDevicesRequest {
+            number: "not a number".into(),
+        })
+        .await
+        .expect_err("a bad filter");
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let register_at = |password: &'static str| async move {
+        let stream = TcpStream::connect(registrar_addr).await.expect("connect");
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            register(stream, &credentials("4711", password)),
+        )
+        .await
+        .expect("an answer within 20 s")
+    };
+    // A wrong password: refused, with the source.
+    assert!(register_at("Wrong-Password-123").await.is_err());
+    let refused = next_event(&mut all).await;
+    assert_eq!(
+        refused.r#type,
+        pb::DeviceEventType::RegistrationRefused as i32,
+        "{refused:?}"
+    );
+    assert_eq!(
+        (refused.number.as_str(), refused.reason.as_str()),
+        ("4711", "auth_failed")
+    );
+    assert_eq!(refused.transport, "tcp");
+    assert!(refused.source.starts_with("127.0.0.1:"), "{refused:?}");
+    assert!(!refused.external, "loopback is internal by default");
+    assert!(refused.at.is_some());
+
+    // Registered, then a refused call, then unregistered when the connection ends.
+    let phone_session = register_at(STRONG).await.expect("registered");
+    let registered = next_event(&mut all).await;
+    assert_eq!(registered.r#type, pb::DeviceEventType::Registered as i32);
+    assert_eq!(registered.number, "4711");
+    let verdict = devices
+        .authorize_call(pb::AuthorizeCallRequest {
+            number: "4711".into(),
+            target: "0900123456".into(),
+            forwarding: false,
+        })
+        .await
+        .expect("authorize")
+        .into_inner();
+    assert!(!verdict.allowed);
+    let call = next_event(&mut all).await;
+    assert_eq!(call.r#type, pb::DeviceEventType::CallRefused as i32);
+    assert_eq!(call.reason, verdict.reason);
+    drop(phone_session);
+    let unregistered = next_event(&mut all).await;
+    assert_eq!(
+        unregistered.r#type,
+        pb::DeviceEventType::Unregistered as i32
+    );
+
+    // Five wrong passwords in a row lock the device out: refused five times, then locked out.
+    for _ in 0..5 {
+        assert!(register_at("Wrong-Password-123").await.is_err());
+    }
+    let mut types = Vec::new();
+    for _ in 0..6 {
+        types.push(next_event(&mut all).await.r#type);
+    }
+    assert!(
+        types.contains(&(pb::DeviceEventType::LockedOut as i32)),
+        "{types:?}"
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|&&t| t == pb::DeviceEventType::RegistrationRefused as i32)
+            .count(),
+        5
+    );
+    match register_at(STRONG).await {
+        Err(RegisterError::Refused(Refusal::LockedOut { .. })) => {}
+        other => panic!("expected a lockout, got {other:?}"),
+    }
+    let locked = next_event(&mut all).await;
+    assert_eq!(
+        (locked.r#type, locked.reason.as_str()),
+        (
+            pb::DeviceEventType::RegistrationRefused as i32,
+            "locked_out"
+        )
+    );
+
+    // The filtered watcher saw nothing, and ends with the relay.
+    let _ = stop.send(());
+    server.stop().await;
+    assert!(
+        within(other.message()).await.expect("clean end").is_none(),
+        "the stream of device 999 ends without events"
+    );
+}

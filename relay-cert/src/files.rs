@@ -23,6 +23,39 @@ pub fn write_public(path: impl AsRef<Path>, bytes: &[u8]) -> Result<(), CertErro
     write_new(path.as_ref(), bytes, 0o644)
 }
 
+/// Writes a private key readable only by its owner (mode 0600), replacing `path` atomically if
+/// it exists: a reader sees the old file or the new one, never a part (a temporary file in
+/// the same directory, then a rename).
+pub fn replace_private(path: impl AsRef<Path>, bytes: &[u8]) -> Result<(), CertError> {
+    replace(path.as_ref(), bytes, 0o600)
+}
+
+/// Writes a certificate readable by everyone, replacing `path` atomically if it exists.
+pub fn replace_public(path: impl AsRef<Path>, bytes: &[u8]) -> Result<(), CertError> {
+    replace(path.as_ref(), bytes, 0o644)
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
+    let io = |source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io(std::io::Error::other("not a file name")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    // A leftover of an interrupted run of this process id: ours to remove.
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, bytes, mode)?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
 /// Reads a whole file (a PKCS#12 file to import, a PEM).
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<u8>, CertError> {
     let path = path.as_ref();
@@ -50,6 +83,27 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replacing_swaps_the_whole_file_and_keeps_the_mode() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("server.key");
+        super::write_private(&key, b"old").expect("first write");
+        super::replace_private(&key, b"new key").expect("replace");
+        assert_eq!(std::fs::read(&key).expect("read"), b"new key");
+        let mode = std::fs::metadata(&key).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Nothing left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("server.key")]);
+        let cert = dir.path().join("new.pem");
+        super::replace_public(&cert, b"cert").expect("replace a missing file");
+        let mode = std::fs::metadata(&cert).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
 
     use super::*;
 

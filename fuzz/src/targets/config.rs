@@ -13,7 +13,16 @@ pub const TARGET: Target = Target {
 };
 
 const SECTIONS: &[&str] = &[
-    "relay", "xdp", "pool", "api", "api.tls", "events", "metrics", "store", "devices",
+    "relay",
+    "xdp",
+    "pool",
+    "api",
+    "api.tls",
+    "events",
+    "metrics",
+    "store",
+    "devices",
+    "registration",
 ];
 /// Every key the configuration has (sections included: a whole section can be mistyped).
 const KEYS: &[&str] = &[
@@ -33,6 +42,17 @@ const KEYS: &[&str] = &[
     "lan_address",
     "allow_local_peers",
     "devices",
+    "registration",
+    "tls_listen",
+    "tls_cert",
+    "tls_key",
+    "https_listen",
+    "lockout_device_failures",
+    "lockout_source_failures",
+    "lockout_first",
+    "lockout_max",
+    "firmware_minimums",
+    "openstage_hfa",
     "internal_networks",
     "password_iterations",
     "min_password_length",
@@ -79,6 +99,7 @@ const VALUES: &[&str] = &[
     "\"::1\"",
     "\"127.0.0.1:4080\"",
     "\"0.0.0.0:4080\"",
+    "\"0.0.0.0:8802\"",
     "\"127.0.0.1:9464\"",
     "[]",
     "[\"eth0\"]",

@@ -451,6 +451,41 @@ pub struct PoolStatusResponse {
     #[prost(string, tag = "14")]
     pub fast_path_degraded: ::prost::alloc::string::String,
 }
+/// Asks for device events.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchDevicesRequest {
+    /// Only events of this device (its internal number); empty: every device.
+    #[prost(string, tag = "1")]
+    pub number: ::prost::alloc::string::String,
+}
+/// One device event.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeviceEvent {
+    /// What happened.
+    #[prost(enumeration = "DeviceEventType", tag = "1")]
+    pub r#type: i32,
+    /// The device's internal number as the client named it (for a refused registration it may
+    /// be no known device).
+    #[prost(string, tag = "2")]
+    pub number: ::prost::alloc::string::String,
+    /// The registration transport: tcp, tls or https; empty for call events of an unregistered
+    /// device.
+    #[prost(string, tag = "3")]
+    pub transport: ::prost::alloc::string::String,
+    /// The source address the relay saw (a home router's public mapping), IP:PORT; empty when
+    /// the event has none.
+    #[prost(string, tag = "4")]
+    pub source: ::prost::alloc::string::String,
+    /// Whether the source is outside the internal networks (through the SBC).
+    #[prost(bool, tag = "5")]
+    pub external: bool,
+    /// The refusal or the policy's reason; empty for registrations.
+    #[prost(string, tag = "6")]
+    pub reason: ::prost::alloc::string::String,
+    /// When it happened.
+    #[prost(message, optional, tag = "7")]
+    pub at: ::core::option::Option<::prost_types::Timestamp>,
+}
 /// A device's class of service. Unset: internal numbers only, nothing else (the least a
 /// remote device needs; toll fraud starts with more).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -873,6 +908,53 @@ impl Component {
             "COMPONENT_UNSPECIFIED" => Some(Self::Unspecified),
             "COMPONENT_RTP" => Some(Self::Rtp),
             "COMPONENT_RTCP" => Some(Self::Rtcp),
+            _ => None,
+        }
+    }
+}
+/// What happened to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum DeviceEventType {
+    /// Never sent.
+    Unspecified = 0,
+    /// The device registered (or registered again).
+    Registered = 1,
+    /// A registration ended: unregistered, its connection lost, expired, or the device deleted.
+    Unregistered = 2,
+    /// A registration was refused; `reason` is the refusal (auth_failed for an unknown device
+    /// and a wrong password alike, locked_out, weak_password, firmware_too_old,
+    /// not_allowed_external, bad_request).
+    RegistrationRefused = 3,
+    /// Repeated authentication failures locked the device or the source out.
+    LockedOut = 4,
+    /// The call policy refused a call or a call forwarding; `reason` says why.
+    CallRefused = 5,
+}
+impl DeviceEventType {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "DEVICE_EVENT_TYPE_UNSPECIFIED",
+            Self::Registered => "DEVICE_EVENT_TYPE_REGISTERED",
+            Self::Unregistered => "DEVICE_EVENT_TYPE_UNREGISTERED",
+            Self::RegistrationRefused => "DEVICE_EVENT_TYPE_REGISTRATION_REFUSED",
+            Self::LockedOut => "DEVICE_EVENT_TYPE_LOCKED_OUT",
+            Self::CallRefused => "DEVICE_EVENT_TYPE_CALL_REFUSED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "DEVICE_EVENT_TYPE_UNSPECIFIED" => Some(Self::Unspecified),
+            "DEVICE_EVENT_TYPE_REGISTERED" => Some(Self::Registered),
+            "DEVICE_EVENT_TYPE_UNREGISTERED" => Some(Self::Unregistered),
+            "DEVICE_EVENT_TYPE_REGISTRATION_REFUSED" => Some(Self::RegistrationRefused),
+            "DEVICE_EVENT_TYPE_LOCKED_OUT" => Some(Self::LockedOut),
+            "DEVICE_EVENT_TYPE_CALL_REFUSED" => Some(Self::CallRefused),
             _ => None,
         }
     }
@@ -1989,6 +2071,36 @@ pub mod device_service_client {
                 .insert(GrpcMethod::new("relay.v1.DeviceService", "AuthorizeCall"));
             self.inner.unary(req, path, codec).await
         }
+        /// Streams device events as they happen, from every transport (TCP 4062, TLS 4063, HTTPS
+        /// 8802) and the call policy: registrations, unregistrations, refused registrations (with
+        /// the refusal and the source), lockouts and refused calls. Nothing is replayed: a client
+        /// sees what happens after it subscribed, and should list the devices first for the current
+        /// state. A client that falls behind gets ABORTED (re-list, then watch again); the stream
+        /// ends when the relay shuts down.
+        pub async fn watch_devices(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchDevicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::DeviceEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.DeviceService/WatchDevices",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("relay.v1.DeviceService", "WatchDevices"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2047,6 +2159,25 @@ pub mod device_service_server {
             request: tonic::Request<super::AuthorizeCallRequest>,
         ) -> std::result::Result<
             tonic::Response<super::AuthorizeCallResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchDevices method.
+        type WatchDevicesStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::DeviceEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams device events as they happen, from every transport (TCP 4062, TLS 4063, HTTPS
+        /// 8802) and the call policy: registrations, unregistrations, refused registrations (with
+        /// the refusal and the source), lockouts and refused calls. Nothing is replayed: a client
+        /// sees what happens after it subscribed, and should list the devices first for the current
+        /// state. A client that falls behind gets ABORTED (re-list, then watch again); the stream
+        /// ends when the relay shuts down.
+        async fn watch_devices(
+            &self,
+            request: tonic::Request<super::WatchDevicesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchDevicesStream>,
             tonic::Status,
         >;
     }
@@ -2394,6 +2525,52 @@ pub mod device_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.DeviceService/WatchDevices" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchDevicesSvc<T: DeviceService>(pub Arc<T>);
+                    impl<
+                        T: DeviceService,
+                    > tonic::server::ServerStreamingService<super::WatchDevicesRequest>
+                    for WatchDevicesSvc<T> {
+                        type Response = super::DeviceEvent;
+                        type ResponseStream = T::WatchDevicesStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchDevicesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DeviceService>::watch_devices(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchDevicesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -12,7 +12,7 @@ mod client;
 mod server;
 mod verifier;
 
-pub use client::ScramClient;
+pub use client::{ScramClient, ScramClientKeys};
 pub use server::{ScramServer, client_first_username};
 pub use verifier::ScramVerifier;
 

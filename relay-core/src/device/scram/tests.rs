@@ -384,3 +384,103 @@ fn pencil_cached() -> ScramVerifier {
     static V: std::sync::OnceLock<ScramVerifier> = std::sync::OnceLock::new();
     V.get_or_init(pencil).clone()
 }
+
+/// The RFC 7677 §3 exchange with `client`; the client-final it sent and the server's answer.
+fn exchange_with(client: &mut ScramClient) -> (String, Result<String, ScramError>) {
+    let mut server = ScramServer::new(pencil());
+    let server_first = ok(server.handle_client_first(&client.client_first(), SERVER_NONCE));
+    let client_final = ok(client.handle_server_first(&server_first));
+    let answer = server.handle_client_final(&client_final);
+    (client_final, answer)
+}
+
+#[test]
+fn cached_keys_give_the_same_proof_and_the_server_accepts_it() {
+    // A first exchange derives the keys (PBKDF2) and hands them out once verified.
+    let mut first = ok(ScramClient::new("user", "pencil", NONCE));
+    assert!(first.verified_keys().is_none());
+    let (first_final, answer) = exchange_with(&mut first);
+    assert!(!first.used_cached_keys());
+    assert!(first.verified_keys().is_none(), "not before server-final");
+    assert_eq!(first.handle_server_final(&ok(answer)), Ok(()));
+    let keys = first
+        .verified_keys()
+        .cloned()
+        .unwrap_or_else(|| panic!("verified keys"));
+    assert_eq!(keys.salt(), ok(B64.decode(SALT)).as_slice());
+    assert_eq!(keys.iterations(), 4096);
+    assert_eq!(
+        keys,
+        ok(ScramClientKeys::derive(
+            "pencil",
+            &ok(B64.decode(SALT)),
+            4096
+        ))
+    );
+    // Debug shows what the keys belong to, never the keys.
+    assert_eq!(
+        format!("{keys:?}"),
+        format!("ScramClientKeys {{ salt: {SALT:?}, iterations: 4096, .. }}")
+    );
+
+    // The next exchange takes them: the same proof as RFC 7677's, accepted, and the server's
+    // signature verifies against the cached ServerKey.
+    let mut cached = ok(ScramClient::new("user", "pencil", NONCE)).with_keys(keys.clone());
+    let (cached_final, answer) = exchange_with(&mut cached);
+    assert!(cached.used_cached_keys());
+    assert_eq!(cached_final, first_final);
+    assert!(cached_final.ends_with(",p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="));
+    assert_eq!(cached.handle_server_final(&ok(answer)), Ok(()));
+    assert_eq!(cached.verified_keys(), Some(&keys));
+}
+
+#[test]
+fn cached_keys_are_used_for_their_salt_and_count_only() {
+    let salt = ok(B64.decode(SALT));
+    // Keys of another password for the server's salt and count: the client uses them (no
+    // PBKDF2 from the password it was given), so the server refuses the proof.
+    let wrong = ok(ScramClientKeys::derive("pencil!", &salt, 4096));
+    let mut client = ok(ScramClient::new("user", "pencil", NONCE)).with_keys(wrong.clone());
+    let (_, answer) = exchange_with(&mut client);
+    assert!(client.used_cached_keys());
+    assert_eq!(answer, Err(ScramError::AuthFailed));
+    assert!(client.verified_keys().is_none());
+
+    // For another salt or another count the same keys are ignored: the password decides.
+    for other in [
+        ok(ScramClientKeys::derive("pencil!", b"another salt", 4096)),
+        ok(ScramClientKeys::derive("pencil!", &salt, 4097)),
+    ] {
+        let mut client = ok(ScramClient::new("user", "pencil", NONCE)).with_keys(other);
+        let (_, answer) = exchange_with(&mut client);
+        assert!(!client.used_cached_keys());
+        assert_eq!(client.handle_server_final(&ok(answer)), Ok(()));
+        assert_eq!(
+            client.verified_keys(),
+            Some(&ok(ScramClientKeys::derive("pencil", &salt, 4096)))
+        );
+    }
+
+    // A server that cannot prove the password gets nothing to cache.
+    let mut client = ok(ScramClient::new("user", "pencil", NONCE));
+    let _ = exchange_with(&mut client);
+    assert_eq!(
+        client.handle_server_final("v=7rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="),
+        Err(ScramError::ServerSignature)
+    );
+    assert!(client.verified_keys().is_none());
+
+    // Deriving checks what the exchange checks.
+    assert_eq!(
+        ScramClientKeys::derive("pencil", b"", 4096),
+        Err(ScramError::Malformed("empty salt"))
+    );
+    assert_eq!(
+        ScramClientKeys::derive("pencil", &salt, 4095),
+        Err(ScramError::Iterations(4095))
+    );
+    assert_eq!(
+        ScramClientKeys::derive("", &salt, 4096),
+        Err(ScramError::Saslprep)
+    );
+}
