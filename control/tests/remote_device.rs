@@ -14,9 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use control::register_client::{Credentials, register};
+use control::register_client::{Credentials, RegisterError, register};
+use relay_core::register::Refusal;
 use relay_user::netns::{self, Host, Testbed, TestbedOptions};
 use serde_json::Value;
+use tokio_rustls::rustls;
 
 const STRONG: &str = "Tr0mbone-Kiwi-Lagoon";
 const WAIT: Duration = Duration::from_secs(20);
@@ -107,6 +109,11 @@ fn wait_ready(tb: &Testbed, daemon: &mut Daemon, log: &Path) {
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
+    write_config_with(dir, "")
+}
+
+/// The testbed's config, with `extra` appended to `[registration]` (and sections after it).
+fn write_config_with(dir: &Path, extra: &str) -> std::path::PathBuf {
     let path = dir.join("homerelay.toml");
     let config = format!(
         r#"
@@ -137,6 +144,7 @@ password_iterations = 4096
 
 [registration]
 listen = "0.0.0.0:4062"
+{extra}
 "#,
         internet = netns::RELAY_HOME_ADDR,
         lan = netns::RELAY_OFFICE_ADDR,
@@ -434,5 +442,286 @@ fn a_phone_behind_nat_registers_calls_through_the_relay_and_survives_kill_9() {
     assert_eq!(again.ip(), netns::NAT_WAN_ADDR);
     let _ = stop.send(());
     phone_thread.join().expect("phone thread");
+    drop(daemon);
+}
+
+/// One registration attempt of `c` from `host` to the relay's public address (`port`; over
+/// TLS verified against `ca` when given), unregistered at once: the public address the relay
+/// saw, or why it refused.
+fn attempt(
+    tb: &Testbed,
+    host: Host,
+    c: Credentials,
+    port: u16,
+    ca: Option<std::path::PathBuf>,
+) -> Result<SocketAddr, RegisterError> {
+    tb.run_in(host, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let relay: SocketAddr = (netns::RELAY_HOME_ADDR, port).into();
+            let tcp = tokio::net::TcpStream::connect(relay)
+                .await
+                .unwrap_or_else(|e| panic!("connect {relay}: {e}"));
+            let public = match ca {
+                None => {
+                    let p = tokio::time::timeout(WAIT, register(tcp, &c))
+                        .await
+                        .expect("an answer")?;
+                    let public = p.registration.public_addr;
+                    p.unregister().await.expect("unregistered");
+                    public
+                }
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(&ca).expect("CA") {
+                        roots.add(cert.expect("CA cert")).expect("add CA");
+                    }
+                    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                        rustls::crypto::ring::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                        .connect(
+                            rustls::pki_types::ServerName::IpAddress(relay.ip().into()),
+                            tcp,
+                        )
+                        .await
+                        .expect("a TLS handshake that verifies against the CA");
+                    let p = tokio::time::timeout(WAIT, register(tls, &c))
+                        .await
+                        .expect("an answer")?;
+                    let public = p.registration.public_addr;
+                    p.unregister().await.expect("unregistered");
+                    public
+                }
+            };
+            Ok(public)
+        })
+    })
+}
+
+fn refused(r: Result<SocketAddr, RegisterError>) -> Refusal {
+    match r {
+        Err(RegisterError::Refused(refusal)) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_sbc_rules_hold_over_tcp_and_tls_through_the_nat() {
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: true }).expect("testbed");
+    let dir = tempfile::tempdir().expect("dir");
+    let d = |p: &str| dir.path().join(p);
+    let text = |p: &str| d(p).to_string_lossy().into_owned();
+    // A CA and the relay's certificate, made and imported with the CLI.
+    std::fs::write(d("pass"), "a-p12-passphrase\n").expect("passphrase");
+    for args in [
+        &[
+            "cert",
+            "ca",
+            "--dir",
+            &text("ca"),
+            "--name",
+            "root",
+            "--org",
+            "homerelay",
+            "--cn",
+            "root",
+        ][..],
+        &[
+            "cert",
+            "server",
+            "--dir",
+            &text("ca"),
+            "--ca",
+            "root",
+            "--org",
+            "homerelay",
+            "--cn",
+            "relay",
+            "--san",
+            &netns::RELAY_HOME_ADDR.to_string(),
+            "--signature",
+            "ecdsa-p256",
+            "--out",
+            &text("relay.p12"),
+            "--passphrase-file",
+            &text("pass"),
+        ][..],
+        &[
+            "cert",
+            "import",
+            &text("relay.p12"),
+            "--passphrase-file",
+            &text("pass"),
+            "--cert-out",
+            &text("relay.pem"),
+            "--key-out",
+            &text("relay.key"),
+        ][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_homerelay"))
+            .args(args)
+            .output()
+            .expect("homerelay cert");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tls = format!(
+        "tls_listen = \"0.0.0.0:4063\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        text("relay.pem"),
+        text("relay.key")
+    );
+    let config = write_config_with(dir.path(), &tls);
+    let log = d("homerelay.log");
+    let mut daemon = Daemon::start(&tb, &config, &log);
+    wait_ready(&tb, &mut daemon, &log);
+    std::fs::write(d("password"), format!("{STRONG}\n")).expect("password file");
+    for (number, internet) in [("4711", true), ("4712", false), ("4713", true)] {
+        let mut args = vec![
+            "devices",
+            "create",
+            number,
+            "--type",
+            "openstage_hfa",
+            "--password-file",
+        ];
+        let password = text("password");
+        args.push(&password);
+        if internet {
+            args.push("--internet");
+        }
+        cli(&tb, &args).unwrap_or_else(|e| panic!("create {number}: {e}"));
+    }
+    let phone = |number: &str, password: &str, firmware: &str| Credentials {
+        number: number.into(),
+        password: password.into(),
+        firmware: firmware.into(),
+        ..credentials()
+    };
+    let ca = Some(d("ca/root.pem"));
+    let nat = Host::HomeBehindNat;
+
+    // Over TLS from behind the NAT: registered with the router's mapping.
+    let public = attempt(
+        &tb,
+        nat,
+        phone("4711", STRONG, "V3 R5.10.0"),
+        4063,
+        ca.clone(),
+    )
+    .expect("registered over TLS");
+    assert_eq!(public.ip(), netns::NAT_WAN_ADDR);
+    // A wrong password and an unknown device: the same answer, over TCP and TLS.
+    assert_eq!(
+        refused(attempt(
+            &tb,
+            nat,
+            phone("4711", "Wrong-Password-99", "V3 R5.10.0"),
+            4062,
+            None
+        )),
+        Refusal::AuthFailed
+    );
+    assert_eq!(
+        refused(attempt(
+            &tb,
+            nat,
+            phone("5999", STRONG, "V3 R5.10.0"),
+            4063,
+            ca.clone()
+        )),
+        Refusal::AuthFailed
+    );
+    // Old firmware from outside.
+    assert_eq!(
+        refused(attempt(
+            &tb,
+            nat,
+            phone("4711", STRONG, "V3 R0.30.0"),
+            4062,
+            None
+        )),
+        Refusal::FirmwareTooOld
+    );
+    // No internet registration flag: refused from outside, fine from the office LAN.
+    assert_eq!(
+        refused(attempt(
+            &tb,
+            nat,
+            phone("4712", STRONG, "V3 R5.10.0"),
+            4063,
+            ca.clone()
+        )),
+        Refusal::NotAllowedExternal
+    );
+    let inside = attempt(
+        &tb,
+        Host::Office,
+        phone("4712", STRONG, "V3 R5.10.0"),
+        4062,
+        None,
+    )
+    .expect("registered from inside");
+    assert_eq!(inside.ip(), netns::OFFICE_ADDR);
+    // Five wrong passwords lock 4713 out: then even the right one is refused for a while.
+    for _ in 0..5 {
+        assert_eq!(
+            refused(attempt(
+                &tb,
+                nat,
+                phone("4713", "Wrong-Password-99", "V3 R5.10.0"),
+                4062,
+                None
+            )),
+            Refusal::AuthFailed
+        );
+    }
+    assert!(matches!(
+        refused(attempt(&tb, nat, phone("4713", STRONG, "V3 R5.10.0"), 4063, ca.clone())),
+        Refusal::LockedOut { retry_after_s } if retry_after_s > 0
+    ));
+    // 4711 is not affected by 4713's lockout.
+    attempt(&tb, nat, phone("4711", STRONG, "V3 R5.10.0"), 4062, None)
+        .expect("4711 still registers");
+
+    // A stricter password policy after a restart: 4711's password became weak, so it may no
+    // longer register from outside (inside it still may).
+    daemon.kill9();
+    let stricter = std::fs::read_to_string(&config).expect("config").replace(
+        "password_iterations = 4096",
+        "password_iterations = 4096\nmin_password_length = 24",
+    );
+    std::fs::write(&config, stricter).expect("config");
+    let mut daemon = Daemon::start(&tb, &config, &log);
+    wait_ready(&tb, &mut daemon, &log);
+    assert_eq!(
+        refused(attempt(
+            &tb,
+            nat,
+            phone("4711", STRONG, "V3 R5.10.0"),
+            4063,
+            ca.clone()
+        )),
+        Refusal::WeakPassword
+    );
+    attempt(
+        &tb,
+        Host::Office,
+        phone("4711", STRONG, "V3 R5.10.0"),
+        4062,
+        None,
+    )
+    .expect("a weak password still registers from inside");
     drop(daemon);
 }
