@@ -705,15 +705,23 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Live registrations by origin: (internal, external).
-    pub fn registered_by_origin(&self) -> (usize, usize) {
+    /// Live registrations by device type and origin: `[type][0]` internal, `[type][1]`
+    /// external, types in [`DeviceType::ALL`] order.
+    pub fn registered_by_type(&self) -> [[usize; 2]; DeviceType::ALL.len()] {
         let inner = self.lock();
-        let external = inner
-            .registrations
-            .values()
-            .filter(|r| r.origin == Origin::External)
-            .count();
-        (inner.registrations.len() - external, external)
+        let mut counts = [[0; 2]; DeviceType::ALL.len()];
+        for (number, r) in &inner.registrations {
+            let Some(record) = inner.devices.get(number) else {
+                continue;
+            };
+            let Ok(t) = self.device_type(record) else {
+                continue;
+            };
+            if let Some(i) = DeviceType::ALL.iter().position(|&d| d == t) {
+                counts[i][usize::from(r.origin == Origin::External)] += 1;
+            }
+        }
+        counts
     }
 
     /// The live registration of `number`.

@@ -210,8 +210,8 @@ const METRICS: &[(&str, Type, &str)] = &[
     (
         REGISTERED_DEVICES,
         Type::Gauge,
-        "Devices registered now, by origin: internal (from the configured internal networks) or \
-         external (from the Internet, through the SBC).",
+        "Devices registered now, by device type and origin: internal (from the configured \
+         internal networks) or external (from the Internet, through the SBC).",
     ),
     (
         DEVICES,
@@ -675,11 +675,16 @@ impl Metrics {
         }
         let devices = service.devices();
         r.gauge(DEVICES, &[]).set(devices.len() as f64);
-        let (internal, external) = devices.registered_by_origin();
-        r.gauge(REGISTERED_DEVICES, &[("origin", "internal")])
-            .set(internal as f64);
-        r.gauge(REGISTERED_DEVICES, &[("origin", "external")])
-            .set(external as f64);
+        let by_type = devices.registered_by_type();
+        for (t, counts) in relay_core::device::DeviceType::ALL.iter().zip(by_type) {
+            for (origin, n) in ["internal", "external"].into_iter().zip(counts) {
+                r.gauge(
+                    REGISTERED_DEVICES,
+                    &[("type", t.name()), ("origin", origin)],
+                )
+                .set(n as f64);
+            }
+        }
         r.gauge(FAST_PATH_CONFIGURED, &[])
             .set(u8::from(fast_path_configured));
         r.gauge(FAST_PATH_UP, &[])

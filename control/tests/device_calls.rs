@@ -217,8 +217,22 @@ async fn a_registered_phone_gets_a_channel_that_counts_as_an_internet_call_from_
         "every series exists from the start"
     );
     let registered = "homerelay_registered_devices";
-    assert_eq!(sample(&text, registered, r#"origin="external""#), Some(1.0));
-    assert_eq!(sample(&text, registered, r#"origin="internal""#), Some(0.0));
+    let hfa = |origin: &str| format!(r#"type="openstage_hfa",origin="{origin}""#);
+    assert_eq!(
+        sample(&text, registered, &hfa("external")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, registered, &hfa("internal")), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            registered,
+            r#"type="myportal_at_work",origin="external""#
+        ),
+        Some(0.0),
+        "every type's series exists"
+    );
     assert_eq!(sample(&text, "homerelay_devices", ""), Some(2.0));
     within(relay.service.shutdown()).await;
 }
