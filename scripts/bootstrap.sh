@@ -35,6 +35,7 @@ APT_PACKAGES=(
   build-essential pkg-config
   openssl  # relay-cert's interop tests run the openssl binary
   curl  # the apps' HTTPS API tests (control/tests/https_api.rs) drive it with curl
+  coturn  # turnutils_stunclient, the real STUN client of control/tests/stun.rs
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -47,6 +48,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# coturn is here for its client tools only: its STUN/TURN server must not run or start at boot.
+if systemctl is-enabled coturn >/dev/null 2>&1; then
+  systemctl disable --now coturn >/dev/null 2>&1 || true
 fi
 
 # rustup: the userspace crates build on its stable toolchain; install it if this host has none.

@@ -67,6 +67,87 @@ pub struct Config {
     pub devices: DevicesSection,
     /// The registration service of remote phones (TCP 4062, TLS 4063) and apps (HTTPS 8802).
     pub registration: RegistrationSection,
+    /// The STUN server (UDP and TCP 3478; docs/stun.md).
+    pub stun: StunSection,
+}
+
+/// `[stun]` (docs/stun.md).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StunSection {
+    /// UDP and TCP address of the STUN server (e.g. `0.0.0.0:3478`); unset: off.
+    pub listen: Option<SocketAddr>,
+    /// The RFC 5780 second address (another IP and another port than `listen`, which must then
+    /// name a specific IP): enables OTHER-ADDRESS, RESPONSE-ORIGIN and CHANGE-REQUEST; unset:
+    /// no behaviour discovery (CHANGE-REQUEST is answered with 420).
+    pub other_address: Option<SocketAddr>,
+    /// Requests per second one source IP may send on average (UDP and TCP together).
+    pub rate_per_source: u32,
+    /// Requests one source IP may send at once.
+    pub burst_per_source: u32,
+    /// Source IPs tracked by the rate limit at most.
+    pub max_sources: usize,
+}
+
+impl Default for StunSection {
+    fn default() -> Self {
+        let r = relay_core::stun::RateConfig::default();
+        StunSection {
+            listen: None,
+            other_address: None,
+            rate_per_source: r.per_second,
+            burst_per_source: r.burst,
+            max_sources: r.max_sources,
+        }
+    }
+}
+
+impl StunSection {
+    /// The rate limit of `relay_core::stun`.
+    pub fn rate(&self) -> relay_core::stun::RateConfig {
+        relay_core::stun::RateConfig {
+            per_second: self.rate_per_source,
+            burst: self.burst_per_source,
+            max_sources: self.max_sources,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.rate_per_source == 0 || self.burst_per_source == 0 {
+            return Err(ConfigError::new(
+                "stun.rate_per_source",
+                "rate_per_source and burst_per_source must be at least 1",
+            ));
+        }
+        if !(1..=16_777_216).contains(&self.max_sources) {
+            return Err(ConfigError::new(
+                "stun.max_sources",
+                "must be 1 to 16777216",
+            ));
+        }
+        let Some(other) = self.other_address else {
+            return Ok(());
+        };
+        let Some(listen) = self.listen else {
+            return Err(ConfigError::new("stun.other_address", "needs stun.listen"));
+        };
+        if listen.ip().is_unspecified() || other.ip().is_unspecified() {
+            return Err(ConfigError::new(
+                "stun.other_address",
+                "RFC 5780 needs specific addresses in stun.listen and stun.other_address",
+            ));
+        }
+        if listen.is_ipv4() != other.is_ipv4()
+            || listen.ip() == other.ip()
+            || listen.port() == other.port()
+        {
+            return Err(ConfigError::new(
+                "stun.other_address",
+                "must have the same family as stun.listen, another IP and another port",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[registration]`.
@@ -560,6 +641,7 @@ impl Config {
         self.layout()?;
         self.registry_policy()?;
         self.registration.lockout_policy()?;
+        self.stun.validate()?;
         let r = &self.registration;
         if r.tls_listen.is_some() && (r.tls_cert.is_none() || r.tls_key.is_none()) {
             return Err(ConfigError::new(

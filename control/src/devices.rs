@@ -705,6 +705,17 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Live registrations by origin: (internal, external).
+    pub fn registered_by_origin(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let external = inner
+            .registrations
+            .values()
+            .filter(|r| r.origin == Origin::External)
+            .count();
+        (inner.registrations.len() - external, external)
+    }
+
     /// Live registrations by device type and origin: `[type][0]` internal, `[type][1]`
     /// external, types in [`DeviceType::ALL`] order.
     pub fn registered_by_type(&self) -> [[usize; 2]; DeviceType::ALL.len()] {

@@ -65,6 +65,13 @@ enum Command {
     /// starts the daemon with XDP, allocates channels over gRPC, streams RTP both ways with live
     /// counters, then deletes everything it created.
     Demo(control::demo::DemoArgs),
+    /// Check this site: configuration, addresses, port range, fast path interfaces, internet
+    /// calls, certificate, remote devices' passwords. One pass / warn / fail line per check,
+    /// each problem with its fix; exit code 1 when a check failed.
+    Doctor(control::doctor::DoctorArgs),
+    /// The port forwarding the company router needs for this configuration: a table, an
+    /// `nft -f` file for a Linux router (DNAT, never masquerade) or JSON.
+    RouterConfig(control::router_config::RouterConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -218,6 +225,21 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
         );
         tokio::spawn(metrics::serve(listener, exporter, service.stopping()))
     });
+    // The STUN server (UDP and TCP 3478, docs/stun.md), when configured.
+    if config.stun.listen.is_some() {
+        let stun = control::stun_server::StunServer::bind(&config.stun).await?;
+        log::info!(
+            "STUN on UDP {:?} and TCP {:?}{}",
+            stun.udp_addrs(),
+            stun.tcp_addrs(),
+            if config.stun.other_address.is_some() {
+                " (RFC 5780 behaviour discovery)"
+            } else {
+                ""
+            }
+        );
+        tokio::spawn(stun.serve(service.stopping()));
+    }
     // Phones' registration (TCP 4062 / TLS 4063), when configured.
     let registrar = std::sync::Arc::new(
         control::registrar::Registrar::new(
@@ -403,6 +425,11 @@ fn main() -> anyhow::Result<()> {
             client_runtime()?.block_on(control::client::pool(&connection))
         }
         Command::Demo(args) => control::demo::run(args),
+        Command::Doctor(args) => {
+            let code = client_runtime()?.block_on(control::doctor::run(args))?;
+            std::process::exit(code)
+        }
+        Command::RouterConfig(args) => control::router_config::run(args),
     }
 }
 

@@ -617,3 +617,88 @@ async fn sighup_reloads_the_token_of_a_running_daemon() {
     while let Ok(Some(_)) = within(events.message()).await {}
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `homerelay doctor`: a site with a relay address the host lacks fails (exit 1) naming the
+/// fix; the device check asks the running daemon; a broken configuration file fails on the
+/// key it names; `--json` is one document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_site_and_fails_with_the_fix() {
+    let server = TestServer::start(Setup::new(42390, 42399)).await;
+    server
+        .service
+        .devices()
+        .create(control::devices::NewDevice {
+            number: "4711".into(),
+            device_type: Some(relay_core::device::DeviceType::OpenStageHfa),
+            authentication: true,
+            internet_registration: true,
+            password: Some("Tr0mbone-Kiwi-Lagoon".into()),
+            ..Default::default()
+        })
+        .expect("create");
+    let dir = temp_dir("doctor");
+    let config = dir.join("homerelay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\ninternet_address = \"192.0.2.77\"\n[pool]\nupstream_kbps = 10000\n",
+    )
+    .expect("config");
+    let config_arg = config.to_string_lossy().into_owned();
+    let o = output(homerelay(&[
+        "doctor",
+        "--config",
+        &config_arg,
+        "--server",
+        &server.url,
+        "--json",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let checks: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let check = |name: &str| {
+        checks
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {checks}"))
+            .clone()
+    };
+    let address = check("relay.internet_address");
+    assert_eq!(address["status"], "fail", "{address}");
+    assert!(
+        address["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("ip addr add 192.0.2.77")),
+        "{address}"
+    );
+    assert_eq!(check("pool.internet_calls")["status"], "pass");
+    let devices = check("devices.passwords");
+    assert_eq!(devices["status"], "pass", "{devices}");
+    assert!(
+        devices["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("1 devices"))
+    );
+
+    // Lines for people; a broken file fails on its key.
+    std::fs::write(&config, "[pool]\nupstream_kbps = 0\n").expect("config");
+    let o = output(homerelay(&[
+        "doctor",
+        "--config",
+        &config_arg,
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("FAIL  config")
+            && text.contains("pool.upstream_kbps")
+            && text.contains("fix:"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    server.stop().await;
+}

@@ -18,6 +18,7 @@ pub mod device;
 pub mod names;
 pub mod register;
 pub mod spec;
+pub mod stun;
 
 pub use allocator::{
     AllocError, Allocation, Allocator, ChannelId, ChannelInfo, Config, ConfigError, Kind, Layout,

@@ -23,6 +23,7 @@ const SECTIONS: &[&str] = &[
     "store",
     "devices",
     "registration",
+    "stun",
 ];
 /// Every key the configuration has (sections included: a whole section can be mistyped).
 const KEYS: &[&str] = &[
@@ -43,6 +44,11 @@ const KEYS: &[&str] = &[
     "allow_local_peers",
     "devices",
     "registration",
+    "stun",
+    "other_address",
+    "rate_per_source",
+    "burst_per_source",
+    "max_sources",
     "tls_listen",
     "tls_cert",
     "tls_key",
