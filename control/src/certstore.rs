@@ -189,7 +189,11 @@ impl CertStore {
                 .with_cert_resolver(self.clone());
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         // Session resumption for any number of devices: stateless tickets sealed with a key of
-        // this process (rotated by rustls; a restart invalidates them).
+        // this process (rotated every 6 h; a restart invalidates them, a certificate reload
+        // does not) instead of rustls's default in-memory cache of 256 sessions, which with two
+        // tickets per handshake forgot a phone's session after 128 other handshakes — beyond
+        // ~128 phones nothing resumed (reg-load, BENCHMARKS.md). A resumed TLS 1.3 handshake
+        // still runs a fresh ECDHE exchange (rustls offers only psk_dhe_ke).
         config.ticketer = ring::Ticketer::new().context("the TLS session ticket key")?;
         Ok(config)
     }

@@ -950,15 +950,13 @@ pub fn router(api: Arc<HttpsApi>) -> axum::Router {
     router.fallback(not_found).with_state(api)
 }
 
-/// A TLS acceptor for the API: the registrar's TLS settings (1.2 and 1.3, ring) with ALPN
-/// `http/1.1`.
+/// A TLS acceptor for the API: the daemon's certificate-store settings
+/// ([`crate::certstore::CertStore`]) with ALPN `http/1.1`.
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let mut config = crate::registrar::tls_config(cert, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    crate::certstore::CertStore::open(cert, key)?.acceptor(&[b"http/1.1"])
 }
 
 /// Serves the API on `listener` through `tls` until `shutdown` completes: then stops

@@ -20,7 +20,6 @@ use relay_core::register::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpListener;
-use tokio_rustls::rustls;
 
 use crate::devices::{LiveRegistration, Registry};
 
@@ -155,48 +154,14 @@ pub async fn serve(
     }
 }
 
-/// A TLS acceptor (TLS 1.2 and 1.3 only, the ring provider) for the certificate chain and key
-/// in the PEM files `cert` and `key`.
+/// A TLS acceptor of the phones' listener (TLS 4063) for the certificate chain and key in the
+/// PEM files `cert` and `key`: the daemon's own settings ([`crate::certstore::CertStore`]: TLS
+/// 1.2 and 1.3, ring, stateless session tickets), so tests and benchmarks measure what runs.
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(
-        cert, key,
-    )?)))
-}
-
-/// The TLS server configuration of [`tls_acceptor`] (no ALPN), for listeners that add to it.
-pub fn tls_config(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> anyhow::Result<rustls::ServerConfig> {
-    use anyhow::Context as _;
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .with_context(|| format!("reading the certificate chain {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{}: no PEM certificate", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("reading the private key {}", key.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("the registration certificate and key")?;
-    // Session resumption for any number of phones: stateless tickets sealed with a key of this
-    // process (rotated every 6 h; a restart invalidates them) instead of rustls's default
-    // in-memory cache of 256 sessions, which with two tickets per handshake forgot a phone's
-    // session after 128 other handshakes — beyond ~128 phones nothing resumed, and every
-    // reconnect paid a full handshake (reg-load, BENCHMARKS.md). A resumed TLS 1.3 handshake
-    // still runs a fresh ECDHE exchange (rustls offers only psk_dhe_ke).
-    config.ticketer =
-        rustls::crypto::ring::Ticketer::new().context("the TLS session ticket key")?;
-    Ok(config)
+    crate::certstore::CertStore::open(cert, key)?.acceptor(&[])
 }
 
 /// The refusal the registration protocol (and the HTTPS API) answers a policy refusal with.
