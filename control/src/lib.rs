@@ -32,4 +32,5 @@ pub mod registrar;
 pub mod router_config;
 pub mod server;
 pub mod service;
+pub mod stun_client;
 pub mod stun_server;

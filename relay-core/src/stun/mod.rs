@@ -18,6 +18,7 @@
 //!   [`MAX_UNKNOWN_LISTED`] listed); requests carrying MESSAGE-INTEGRITY are answered without
 //!   it (the server holds no STUN credentials).
 
+pub mod client;
 mod ratelimit;
 
 pub use ratelimit::{RateConfig, RateLimiter};
