@@ -35,7 +35,8 @@ APT_PACKAGES=(
   build-essential pkg-config
   openssl  # relay-cert's interop tests run the openssl binary
   curl  # the apps' HTTPS API tests (control/tests/https_api.rs) drive it with curl
-  coturn  # turnutils_stunclient, the real STUN client of control/tests/stun.rs
+  coturn  # turnutils_stunclient (control/tests/stun.rs); turnserver for stun-load (bench/tests/stun_load.rs)
+  conntrack  # flushes the NAT lab's mappings when its public address changes (relay-user::natlab)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -49,7 +50,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# coturn is here for its client tools only: its STUN/TURN server must not run or start at boot.
+# coturn is here for its client tools and for `turnserver`, which stun-load starts by hand on
+# loopback with a configuration of its own: the packaged service must not run or start at boot.
 if systemctl is-enabled coturn >/dev/null 2>&1; then
   systemctl disable --now coturn >/dev/null 2>&1 || true
 fi

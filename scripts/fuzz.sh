@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long fuzz run (docs/testing.md): every fuzz target of `fuzz/` (and the registration
-# targets in relay-core/tests/register_fuzz.rs, the STUN path's in stun_props.rs) with HOMERELAY_FUZZ_CASES
+# targets in relay-core/tests/register_fuzz.rs, the STUN path's in stun_props.rs and stun_client_props.rs) with HOMERELAY_FUZZ_CASES
 # cases each, and the XDP/user-space differential test with HOMERELAY_DIFF_ROUNDS rounds of
 # HOMERELAY_DIFF_FRAMES frames, from one seed (HOMERELAY_FUZZ_SEED, printed; a failure names
 # it, and the same seed reproduces it). The differential test needs root (BPF_PROG_TEST_RUN,
@@ -20,5 +20,6 @@ start=$(date +%s)
 cargo test --locked -p homerelay-fuzz --test targets -- --nocapture --test-threads 2
 cargo test --locked -p relay-core --test register_fuzz -- --nocapture --test-threads 2
 cargo test --locked -p relay-core --test stun_props -- --nocapture --test-threads 2
+cargo test --locked -p relay-core --test stun_client_props -- --nocapture --test-threads 2
 cargo test --locked -p relay-user --test xdp_differential -- --nocapture --test-threads 1
 echo "fuzz.sh: done in $(( $(date +%s) - start )) s" >&2

@@ -38,6 +38,8 @@ pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
     /// The fingerprint and the stamps of the certificate in force.
     state: Mutex<(String, Stamps)>,
+    /// The stamps of files that failed to load once and are given one more check.
+    unsettled: Mutex<Option<Stamps>>,
 }
 
 fn stamp(path: &Path) -> Option<SystemTime> {
@@ -86,6 +88,7 @@ impl CertStore {
             key: key.to_owned(),
             current: RwLock::new(loaded.key),
             state: Mutex::new((loaded.fingerprint, loaded.stamps)),
+            unsettled: Mutex::new(None),
         }))
     }
 
@@ -110,11 +113,32 @@ impl CertStore {
         let loaded = match load(&self.cert, &self.key) {
             Ok(l) => l,
             Err(e) => {
+                let now = (stamp(&self.cert), stamp(&self.key));
+                let mut unsettled = self
+                    .unsettled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if !force && *unsettled != Some(now) {
+                    // The first failure of these files: a replacement may be half done
+                    // (`homerelay cert import` replaces the key, then the certificate, and
+                    // the pair does not match in between). Look again at the next check;
+                    // only files that stay broken are an error.
+                    *unsettled = Some(now);
+                    log::debug!(
+                        "registration TLS: certificate files changing ({e:#}); checking again"
+                    );
+                    return Ok(false);
+                }
+                *unsettled = None;
                 // Do not try the same files again until they change once more.
-                state.1 = (stamp(&self.cert), stamp(&self.key));
+                state.1 = now;
                 return Err(e);
             }
         };
+        *self
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         let changed = loaded.fingerprint != state.0;
         *state = (loaded.fingerprint, loaded.stamps);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded.key;

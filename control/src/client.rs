@@ -513,6 +513,7 @@ fn leg_json(l: Option<&pb::Leg>) -> Value {
     let l = l.cloned().unwrap_or_default();
     json!({
         "relay_address": l.relay_address,
+        "public_address": (!l.public_address.is_empty()).then_some(l.public_address),
         "rtp": endpoint_json(l.rtp.as_ref()),
         "rtcp": endpoint_json(l.rtcp.as_ref()),
     })
@@ -716,9 +717,15 @@ fn print_channel(
                 format!("{} expected", e.address)
             }
         };
+        // Where a peer on the Internet sends leg A's media (the public address on this port).
+        let public = if l.public_address.is_empty() {
+            String::new()
+        } else {
+            format!("  public {}", l.public_address)
+        };
         let _ = writeln!(
             out,
-            "{name}        relay {}  rtp {}  rtcp {}",
+            "{name}        relay {}{public}  rtp {}  rtcp {}",
             l.relay_address,
             ep(l.rtp),
             ep(l.rtcp)

@@ -69,6 +69,156 @@ pub struct Config {
     pub registration: RegistrationSection,
     /// The STUN server (UDP and TCP 3478; docs/stun.md).
     pub stun: StunSection,
+    /// The relay's public address, learnt with STUN (docs/public-address.md).
+    pub public_address: PublicAddressSection,
+}
+
+/// Default of `public_address.refresh`.
+pub const DEFAULT_PUBLIC_ADDRESS_REFRESH: Duration = Duration::from_secs(60);
+/// Bounds of `public_address.refresh`: at least a second (a lab; STUN servers rate-limit), at
+/// most a day.
+pub const PUBLIC_ADDRESS_REFRESH_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
+/// `[public_address]` (docs/public-address.md): how the relay learns the public address the
+/// company router's NAT gives `local_address`, the address remote devices send media to.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicAddressSection {
+    /// The ITSP's STUN server, `host`, `host:port`, `IP` or `IP:port` (port 3478 when absent),
+    /// asked first. A name is resolved again at every refresh (a dynamic-DNS name is followed).
+    pub itsp_stun_server: Option<String>,
+    /// A STUN server of the operator's choice, asked when the ITSP's gives no answer or there is
+    /// none. Without either server (and without `static_address`) there is no discovery: the
+    /// public address is `relay.internet_address` itself (no NAT in front of the relay).
+    pub stun_server: Option<String>,
+    /// How often the address is asked for (1s to 24h).
+    #[serde(deserialize_with = "de_duration")]
+    pub refresh: Duration,
+    /// The relay address the public address stands for, which STUN requests are sent from;
+    /// unset: `relay.internet_address` (leg A's address), else the address the kernel picks.
+    pub local_address: Option<Ipv4Addr>,
+    /// A fixed public address (a static IP): no discovery, no STUN server may be set.
+    pub static_address: Option<Ipv4Addr>,
+}
+
+impl Default for PublicAddressSection {
+    fn default() -> Self {
+        PublicAddressSection {
+            itsp_stun_server: None,
+            stun_server: None,
+            refresh: DEFAULT_PUBLIC_ADDRESS_REFRESH,
+            local_address: None,
+            static_address: None,
+        }
+    }
+}
+
+impl PublicAddressSection {
+    /// Whether the address is discovered with STUN (a server is set).
+    pub fn discovery(&self) -> bool {
+        self.itsp_stun_server.is_some() || self.stun_server.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, server) in [
+            ("public_address.itsp_stun_server", &self.itsp_stun_server),
+            ("public_address.stun_server", &self.stun_server),
+        ] {
+            if let Some(s) = server {
+                check_stun_server(s).map_err(|e| ConfigError::new(key, e))?;
+                if self.static_address.is_some() {
+                    return Err(ConfigError::new(
+                        "public_address.static_address",
+                        format!(
+                            "a static public address turns discovery off, but {key} is set: \
+                             remove one of them"
+                        ),
+                    ));
+                }
+            }
+        }
+        if !PUBLIC_ADDRESS_REFRESH_RANGE.contains(&self.refresh) {
+            return Err(ConfigError::new(
+                "public_address.refresh",
+                format!("{:?} is outside 1s..=24h", self.refresh),
+            ));
+        }
+        for (key, addr) in [
+            ("public_address.local_address", self.local_address),
+            ("public_address.static_address", self.static_address),
+        ] {
+            if let Some(a) = addr
+                && (a.is_unspecified() || a.is_multicast() || a.is_broadcast())
+            {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{a} is not a unicast address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a STUN server's spelling (`host`, `host:port`, `IP`, `IP:port`, `[IPv6]:port`)
+/// without resolving it. The relay's addresses are IPv4, so an IPv6 literal is refused.
+pub fn check_stun_server(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 260 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{s:?} is not a STUN server like \"stun.example.net\" or \"192.0.2.7:3478\""
+        ));
+    }
+    let ipv6 = || {
+        format!(
+            "{s:?} is an IPv6 address: STUN requests are sent from the relay's IPv4 address, \
+             so name an IPv4 server (or a name with an A record)"
+        )
+    };
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return match a {
+            std::net::SocketAddr::V6(_) => Err(ipv6()),
+            std::net::SocketAddr::V4(_) if a.port() == 0 => Err(format!("{s:?}: port 0")),
+            std::net::SocketAddr::V4(_) => Ok(()),
+        };
+    }
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => return Ok(()),
+        Ok(std::net::IpAddr::V6(_)) => return Err(ipv6()),
+        Err(_) => {}
+    }
+    if s.starts_with('[') || s.matches(':').count() > 1 {
+        return Err(ipv6());
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(format!("{s:?}: {p:?} is not a port (1 to 65535)")),
+        }
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    // A top-level label is never all digits: "192.0.2.300" is a mistyped address, no name.
+    let numeric_tld = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if name.len() > 253 || numeric_tld || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{s:?}: {host:?} is not a host name or an IPv4 address"
+        ));
+    }
+    Ok(())
 }
 
 /// `[stun]` (docs/stun.md).
@@ -642,6 +792,7 @@ impl Config {
         self.registry_policy()?;
         self.registration.lockout_policy()?;
         self.stun.validate()?;
+        self.public_address.validate()?;
         let r = &self.registration;
         if r.tls_listen.is_some() && (r.tls_cert.is_none() || r.tls_key.is_none()) {
             return Err(ConfigError::new(
@@ -1005,6 +1156,47 @@ mod tests {
         assert_eq!(c.api.max_requests_per_connection, 32);
         assert_eq!(c.api.tls_handshake_timeout, Duration::from_secs(5));
         assert_eq!(c.api.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.public_address.refresh, Duration::from_secs(120));
+        assert!(!c.public_address.discovery(), "off unless a server is set");
+    }
+
+    #[test]
+    fn the_example_public_address_section_uncommented_is_valid() {
+        // Its commented keys, switched on (all but the static address, which excludes the
+        // servers), must be the real keys with valid values.
+        let text = include_str!("../../deploy/homerelay.toml");
+        let section: String = text
+            .lines()
+            .skip_while(|l| l.trim() != "[public_address]")
+            .take_while(|l| !l.starts_with('[') || l.trim() == "[public_address]")
+            .filter_map(|l| {
+                if l.starts_with('[') || l.starts_with("refresh") {
+                    return Some(l.to_owned());
+                }
+                let l = l.strip_prefix("# ")?;
+                let (key, _) = l.split_once(" = ")?;
+                (key != "static_address"
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                .then(|| l.to_owned())
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let c = Config::from_toml(&section).unwrap_or_else(|e| panic!("{section}: {e}"));
+        let p = &c.public_address;
+        assert!(
+            p.itsp_stun_server.is_some() && p.stun_server.is_some(),
+            "{section}"
+        );
+        assert!(p.local_address.is_some(), "{section}");
+        let with_static = format!("[public_address]\n{}", {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("# static_address = "))
+                .expect("the example shows static_address");
+            line.trim_start_matches("# ").to_owned()
+        });
+        let c = Config::from_toml(&with_static).unwrap_or_else(|e| panic!("{with_static}: {e}"));
+        assert!(c.public_address.static_address.is_some());
     }
 
     #[test]
@@ -1115,6 +1307,110 @@ mod tests {
         assert!(r.listen.is_some() && r.tls_listen.is_some(), "{section}");
         assert_eq!(r.https_listen.map(|a| a.port()), Some(8802), "{section}");
         assert!(r.tls_cert.is_some() && r.tls_key.is_some(), "{section}");
+    }
+
+    #[test]
+    fn public_address_discovery_is_off_by_default_and_checked() {
+        let c = Config::from_toml("").expect("valid");
+        assert!(!c.public_address.discovery());
+        assert_eq!(c.public_address.refresh, DEFAULT_PUBLIC_ADDRESS_REFRESH);
+        let c = Config::from_toml(
+            "[public_address]\nitsp_stun_server = \"stun.itsp.example:3478\"\n\
+             stun_server = \"192.0.2.7\"\nrefresh = \"1s\"\nlocal_address = \"203.0.113.10\"\n",
+        )
+        .expect("valid");
+        let p = &c.public_address;
+        assert!(p.discovery());
+        assert_eq!(
+            p.itsp_stun_server.as_deref(),
+            Some("stun.itsp.example:3478")
+        );
+        assert_eq!(p.refresh, Duration::from_secs(1));
+        assert_eq!(p.local_address, Some(Ipv4Addr::new(203, 0, 113, 10)));
+        for ok in [
+            "stun.example.net",
+            "stun.example.net.",
+            "stun_1.example.net:19302",
+            "localhost",
+            "192.0.2.7:3478",
+            "192.0.2.7",
+        ] {
+            check_stun_server(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (text, message) in [
+            (
+                "[public_address]\nstun_server = \"\"\n",
+                "public_address.stun_server: \"\" is not a STUN server like \"stun.example.net\" \
+                 or \"192.0.2.7:3478\"",
+            ),
+            (
+                "[public_address]\nstun_server = \"stun.example.net:0\"\n",
+                "public_address.stun_server: \"stun.example.net:0\": \"0\" is not a port (1 to \
+                 65535)",
+            ),
+            (
+                "[public_address]\nitsp_stun_server = \"stun.example.net:http\"\n",
+                "public_address.itsp_stun_server: \"stun.example.net:http\": \"http\" is not a \
+                 port (1 to 65535)",
+            ),
+            (
+                "[public_address]\nstun_server = \"192.0.2.300\"\n",
+                "public_address.stun_server: \"192.0.2.300\": \"192.0.2.300\" is not a host \
+                 name or an IPv4 address",
+            ),
+            (
+                "[public_address]\nstun_server = \"stun..example\"\n",
+                "public_address.stun_server: \"stun..example\": \"stun..example\" is not a host \
+                 name or an IPv4 address",
+            ),
+            (
+                "[public_address]\nstun_server = \"-stun.example\"\n",
+                "public_address.stun_server: \"-stun.example\": \"-stun.example\" is not a host \
+                 name or an IPv4 address",
+            ),
+            (
+                "[public_address]\nstun_server = \"stun example\"\n",
+                "public_address.stun_server: \"stun example\" is not a STUN server like \
+                 \"stun.example.net\" or \"192.0.2.7:3478\"",
+            ),
+            (
+                "[public_address]\nrefresh = \"500ms\"\n",
+                "public_address.refresh: 500ms is outside 1s..=24h",
+            ),
+            (
+                "[public_address]\nrefresh = \"2days\"\n",
+                "public_address.refresh: 172800s is outside 1s..=24h",
+            ),
+            (
+                "[public_address]\nstun_server = \"192.0.2.7\"\nstatic_address = \"198.51.100.1\"\n",
+                "public_address.static_address: a static public address turns discovery off, \
+                 but public_address.stun_server is set: remove one of them",
+            ),
+            (
+                "[public_address]\nstatic_address = \"0.0.0.0\"\n",
+                "public_address.static_address: 0.0.0.0 is not a unicast address",
+            ),
+            (
+                "[public_address]\nlocal_address = \"224.0.0.1\"\n",
+                "public_address.local_address: 224.0.0.1 is not a unicast address",
+            ),
+        ] {
+            assert_eq!(err(text), message, "{text}");
+        }
+        let e = err("[public_address]\nstun_server = \"[2001:db8::1]:3478\"\n");
+        assert!(e.starts_with("public_address.stun_server: "), "{e}");
+        assert!(e.contains("IPv6"), "{e}");
+        let e = err("[public_address]\nstun_server = \"2001:db8::1\"\n");
+        assert!(e.contains("IPv6"), "{e}");
+        let e = err("[public_address]\nstun_server = 3478\n");
+        assert!(e.starts_with("public_address.stun_server: "), "{e}");
+        let e = err("[public_address]\nstatic_address = \"2001:db8::1\"\n");
+        assert!(e.starts_with("public_address.static_address: "), "{e}");
+        let e = err("[public_address]\nstun = \"x\"\n");
+        assert!(
+            e.starts_with("public_address.stun: unknown field `stun`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -330,11 +330,12 @@ fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
     }
 }
 
-fn leg_to_pb(l: &Leg) -> pb::Leg {
+fn leg_to_pb(l: &Leg, public: Option<SocketAddr>) -> pb::Leg {
     pb::Leg {
         relay_address: l.local().to_string(),
         rtp: Some(endpoint_to_pb(&l.rtp)),
         rtcp: Some(endpoint_to_pb(&l.rtcp)),
+        public_address: public.map(|a| a.to_string()).unwrap_or_default(),
     }
 }
 
@@ -365,8 +366,8 @@ pub fn channel_to_pb(v: &ChannelView) -> pb::Channel {
         kind: kind_to_pb(v.info.kind) as i32,
         internet: v.info.internet,
         state: state_to_pb(v.state) as i32,
-        leg_a: Some(leg_to_pb(&v.channel.legs[0])),
-        leg_b: Some(leg_to_pb(&v.channel.legs[1])),
+        leg_a: Some(leg_to_pb(&v.channel.legs[0], v.public_media)),
+        leg_b: Some(leg_to_pb(&v.channel.legs[1], None)),
         latching: Some(latching_to_pb(v.latching)),
         timeout: Some(duration_to_pb(v.info.timeout)),
         allocated_at: Some(timestamp(clock.wall_of_instant(v.info.allocated_at))),

@@ -125,6 +125,11 @@ impl<'a> DaemonBuilder<'a> {
         for (key, addr) in [
             ("relay.internet_address", config.relay.internet_address),
             ("relay.lan_address", config.relay.lan_address),
+            // STUN requests are sent from it.
+            (
+                "public_address.local_address",
+                config.public_address.local_address,
+            ),
         ] {
             if let Some(addr) = addr
                 && !host.is_local(addr)
@@ -177,6 +182,9 @@ impl<'a> DaemonBuilder<'a> {
                     host,
                     allow_local_peers: config.relay.allow_local_peers,
                     devices,
+                    public_address: crate::public_address::PublicAddress::new(
+                        crate::public_address::PublicStatus::from_config(&config),
+                    ),
                 },
                 metrics: self.metrics,
                 store,

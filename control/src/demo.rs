@@ -3,11 +3,14 @@
 //! It builds the namespace testbed ([`relay_user::netns`]: a phone behind a NAT router, the
 //! relay host, an office phone; TEST-NET addresses), starts the real daemon (`homerelay run`,
 //! this very executable) inside the relay namespace with the XDP fast path on the relay's three
-//! interfaces, allocates one channel per call over the gRPC API, lets both phones talk 20 ms
-//! G.711 RTP through the relay, prints a line per channel every second (state, the address the
-//! relay latched for the phone behind the NAT, packets and bytes each way, and how many of them
-//! the XDP program forwarded), releases the channels over gRPC, prints a summary, stops the
-//! daemon with SIGTERM and deletes everything it created.
+//! interfaces and phone registration on TCP 4062, makes each phone behind the NAT a remote
+//! device of the relay and registers it through the NAT ([`remote`]), allocates one channel per
+//! call for the registered device over the gRPC API (an internet call, because the phone
+//! registered from outside), lets both phones talk 20 ms G.711 RTP through the relay, prints a
+//! line per channel every second (state, the address the relay latched for the phone behind the
+//! NAT, packets and bytes each way, and how many of them the XDP program forwarded), releases
+//! the channels over gRPC, unregisters the phones, prints a summary, stops the daemon with
+//! SIGTERM and deletes everything it created.
 //!
 //! The invariant a reader must know: **whatever happens — an error, Ctrl-C, SIGTERM — the demo
 //! leaves nothing behind.** Everything it creates is owned by [`Resources`], torn down in
@@ -26,6 +29,7 @@
 //! relay namespace (the default listen address, no authentication needed); the demo reaches it
 //! from a thread that entered that namespace.
 mod media;
+mod remote;
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -42,6 +46,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use proto::v1 as pb;
+use proto::v1::channel_service_client::ChannelServiceClient;
+use proto::v1::device_service_client::DeviceServiceClient;
 use relay_common::{ChannelStats, LEG_A, LEG_B};
 use relay_user::netns::{self, Host, Testbed, TestbedOptions};
 use relay_user::xdp::{PassGuard, XdpMode, attach_pass_program};
@@ -110,6 +116,9 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 const DRAIN: Duration = Duration::from_millis(300);
 /// Longest wait for the daemon to exit after SIGTERM before it is killed.
 const DAEMON_STOP: Duration = Duration::from_secs(10);
+/// The phones' registration port (plain TCP) on the relay's address towards the NAT, as
+/// [`DAEMON_CONFIG`] sets it.
+const REGISTRATION_PORT: u16 = 4062;
 
 /// Set by SIGINT and SIGTERM; every loop of the demo checks it.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -255,6 +264,7 @@ fn demo(args: &DemoArgs, res: &mut Resources) -> anyhow::Result<()> {
     let session = Session {
         args: args.clone(),
         phones,
+        home_ns: tb.ns(Host::HomeBehindNat).to_owned(),
         daemon: watch,
         pin_dir,
     };
@@ -288,7 +298,20 @@ fn print_header(args: &DemoArgs) {
     let daemon = format!("homerelay run, XDP on {}", RELAY_IFACES.join(", "));
     println!("  {:<19} {masquerade:<38} {daemon}", "(private address)");
     println!();
-    println!("Per call, one relay channel (an even UDP port for RTP, the odd one above for RTCP):");
+    println!(
+        "Each home phone is a remote device of the relay (an OpenStage phone, numbers from 4711):"
+    );
+    println!("the demo adds it over gRPC (DeviceService: a strong password, internet registration");
+    println!(
+        "allowed); the phone registers through its NAT router on TCP {REGISTRATION_PORT} (SCRAM-SHA-256 login)"
+    );
+    println!(
+        "and stays registered until the end. The relay records the router's public mapping and,"
+    );
+    println!("as the phone is outside the office network, counts its calls as internet calls.");
+    println!();
+    println!("Per call, one relay channel (an even UDP port for RTP, the odd one above for RTCP),");
+    println!("allocated for the registered home phone:");
     println!("  leg A: the home phone. It announces its private address, which nobody can reach;");
     println!("         the relay latches the NAT's public address and port from its first packet.");
     println!("  leg B: the office phone, its address given to the relay (strict: nothing else is");
@@ -301,14 +324,25 @@ fn print_header(args: &DemoArgs) {
     println!();
 }
 
-/// The daemon's configuration file: the relay addresses each leg's phone talks to. The rest
-/// is on the command line, to show the flags.
+/// The daemon's configuration file: the relay addresses each leg's phone talks to, and the
+/// phones' registration. The rest is on the command line, to show the flags.
 const DAEMON_CONFIG: &str = "\
 [relay]
 # The relay's address on the link to the NAT router (leg A, the Internet side).
 internet_address = \"198.51.100.129\"
 # The relay's LAN address (leg B, the office side).
 lan_address = \"192.0.2.1\"
+
+[devices]
+# The office LAN is internal; a phone registering from anywhere else is external.
+internal_networks = [\"192.0.2.0/24\"]
+# The smallest work factor of the password verifiers, to keep the demo quick (the default,
+# 600000, costs each phone a noticeable fraction of a second per login).
+password_iterations = 4096
+
+[registration]
+# The remote phones register here (plain TCP), on the relay's Internet-side address.
+listen = \"198.51.100.129:4062\"
 ";
 
 fn daemon_args(mode: XdpMode, config_file: &Path, pin_dir: &Path) -> Vec<String> {
@@ -628,6 +662,10 @@ struct Phones {
 struct Call {
     number: usize,
     port: u16,
+    /// The registered home phone the channel is for (its internal number).
+    device: String,
+    /// Counted as an internet call.
+    internet: bool,
     /// The home phone's channel address: the relay's address on the link to the NAT.
     relay_home: SocketAddr,
     /// The office phone's channel address: the relay's LAN address.
@@ -642,6 +680,8 @@ struct Call {
 struct Session {
     args: DemoArgs,
     phones: Vec<Phones>,
+    /// The HomeBehindNat namespace (`ip netns` name): the home phones register from there.
+    home_ns: String,
     daemon: DaemonWatch,
     pin_dir: PathBuf,
 }
@@ -659,7 +699,7 @@ impl Session {
     async fn drive(self) -> anyhow::Result<()> {
         let url = format!("http://{DEFAULT_LISTEN}");
         wait_healthy(&self.daemon, &url).await?;
-        let mut api = client::connect(&Connection {
+        let (channel, token) = client::connect_channel(&Connection {
             server: url,
             token: None,
             token_file: None,
@@ -670,6 +710,8 @@ impl Session {
             json: false,
         })
         .await?;
+        let mut api = ChannelServiceClient::with_interceptor(channel.clone(), token.clone());
+        let mut device_api = DeviceServiceClient::with_interceptor(channel, token);
         let pool = rpc("PoolStatus", api.pool_status(pb::PoolStatusRequest {})).await?;
         let layout = pool.layout.clone().unwrap_or_default();
         println!(
@@ -687,10 +729,22 @@ impl Session {
         let events = rpc("Watch", api.watch(pb::WatchRequest { kinds: vec![] })).await?;
         let watcher = tokio::spawn(print_events(events));
 
+        let (remote_phones, registered) = self.register_phones(&mut api, &mut device_api).await?;
+
         println!();
         let mut calls = Vec::with_capacity(self.phones.len());
-        for (i, phones) in self.phones.iter().enumerate() {
-            calls.push(allocate(&mut api, i + 1, phones).await?);
+        for (i, (phones, (number, external))) in self.phones.iter().zip(&registered).enumerate() {
+            let call = allocate(&mut api, i + 1, phones, number).await?;
+            if call.internet != *external {
+                bail!(
+                    "channel {} for phone {number} is {}an internet call, but the phone \
+                     registered from {}",
+                    call.port,
+                    if call.internet { "" } else { "not " },
+                    if *external { "outside" } else { "inside" }
+                );
+            }
+            calls.push(call);
         }
 
         let mut media = Media::default();
@@ -792,6 +846,19 @@ impl Session {
         // Let the RELEASED events through before the stream is dropped.
         tokio::time::sleep(Duration::from_millis(200)).await;
         watcher.abort();
+        println!();
+        let mut registrations_ok = true;
+        for (number, ended) in remote_phones.unregister_all().await {
+            match ended {
+                Ok(()) => println!(
+                    "Phone {number} unregistered; it stayed registered throughout its call."
+                ),
+                Err(e) => {
+                    registrations_ok = false;
+                    println!("Phone {number}'s registration ended early: {e:#}");
+                }
+            }
+        }
 
         let summary = Summary {
             calls: &calls,
@@ -803,7 +870,106 @@ impl Session {
         if interrupted {
             bail!("interrupted");
         }
+        if !registrations_ok {
+            bail!("a phone's registration ended before the demo did");
+        }
         summary.check()
+    }
+    /// Makes each home phone a remote device of the relay (DeviceService), shows that the relay
+    /// refuses a channel for one that is not registered yet, and registers each from behind
+    /// the NAT, kept registered by [`remote::RemotePhones`]. Per phone, in call order: its
+    /// number and whether the relay holds it as registered from outside.
+    async fn register_phones(
+        &self,
+        api: &mut Client,
+        device_api: &mut remote::DeviceClient,
+    ) -> anyhow::Result<(remote::RemotePhones, Vec<(String, bool)>)> {
+        let relay_registration: SocketAddr = (netns::RELAY_NAT_ADDR, REGISTRATION_PORT).into();
+        println!();
+        println!(
+            "The home phones become remote devices (gRPC DeviceService), then register from \
+             behind the NAT on {relay_registration}:"
+        );
+        let mut devices = Vec::with_capacity(self.phones.len());
+        for (i, phones) in self.phones.iter().enumerate() {
+            let device = remote::Device::new(i + 1, phones.home)?;
+            let created = remote::create(device_api, &device).await?;
+            println!(
+                "  CreateDevice {} ({}, MAC {}): authentication on, password {}, internet \
+                 registration {}",
+                created.number,
+                device_type_name(created.r#type),
+                created.mac,
+                if created.weak_password.is_empty() {
+                    "strong".to_owned()
+                } else {
+                    format!("weak ({})", created.weak_password.join("; "))
+                },
+                if created.internet_registration {
+                    "on"
+                } else {
+                    "off"
+                },
+            );
+            devices.push(device);
+        }
+        // The rule the channels depend on: no channel for a remote phone that is not registered.
+        if let Some((device, phones)) = devices.first().zip(self.phones.first()) {
+            let request = allocate_request(1, phones, &device.number);
+            match tokio::time::timeout(RPC_TIMEOUT, api.allocate(request)).await {
+                Err(_) => bail!("Allocate: no answer within {RPC_TIMEOUT:?}"),
+                Ok(Ok(_)) => bail!(
+                    "the relay allocated a channel for phone {} before it registered",
+                    device.number
+                ),
+                Ok(Err(s)) => println!(
+                    "  Allocate for phone {} before it registered → refused: {} ({:?})",
+                    device.number,
+                    s.message(),
+                    s.code()
+                ),
+            }
+        }
+        let mut remote_phones = remote::RemotePhones::new(self.home_ns.clone(), relay_registration);
+        let mut registered = Vec::with_capacity(devices.len());
+        for device in &devices {
+            check_interrupted()?;
+            let phone = remote_phones.register(device).await?;
+            // What the relay's registry holds now, as an operator would look it up.
+            let held = remote::registration(device_api, &device.number)
+                .await?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "phone {} registered, but the registry has no registration for it",
+                        device.number
+                    )
+                })?;
+            println!(
+                "  phone {} registered over {}: the relay sees it at {}, the NAT router's public \
+                 mapping\n{:13}(it announced {}); {}; keepalive every {} s",
+                phone.number,
+                held.transport.to_uppercase(),
+                phone.public,
+                "",
+                held.local_address,
+                if held.external {
+                    "external, so its calls are internet calls"
+                } else {
+                    "internal"
+                },
+                phone.keepalive_s,
+            );
+            if held.public_address != phone.public.to_string() {
+                bail!(
+                    "phone {} was told it registered from {}, but the registry holds {}",
+                    device.number,
+                    phone.public,
+                    held.public_address
+                );
+            }
+            registered.push((device.number.clone(), held.external));
+        }
+        Ok((remote_phones, registered))
     }
 }
 
@@ -871,9 +1037,9 @@ async fn wait_healthy(daemon: &DaemonWatch, url: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Allocates call `number`'s channel: leg A the home phone (announced private address, learnt
-/// from traffic), leg B the office phone (strict).
-async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::Result<Call> {
+/// The Allocate request of call `number`: leg A the home phone `device` (announced private
+/// address, learnt from traffic), leg B the office phone (strict).
+fn allocate_request(number: usize, phones: &Phones, device: &str) -> pb::AllocateRequest {
     // No relay address in the request: the configured one of each leg.
     let leg = |rtp: SocketAddr, strict: bool| pb::LegSpec {
         rtp_address: rtp.to_string(),
@@ -881,23 +1047,35 @@ async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::R
         strict,
         relay_address: String::new(),
     };
+    pb::AllocateRequest {
+        call_leg: Some(pb::CallLeg {
+            call_id: format!("demo-call-{number}"),
+            leg_tag: "home".into(),
+        }),
+        kind: pb::ChannelKind::SystemDevice as i32,
+        // The device's registration decides whether the call is an internet call.
+        internet: None,
+        leg_a: Some(leg(phones.home, false)),
+        leg_b: Some(leg(phones.office, true)),
+        timeout: None,
+        latching: None,
+        clock_rate: 0,
+        latch_any_payload: false,
+        device: device.to_owned(),
+    }
+}
+
+/// Allocates call `number`'s channel for the registered home phone `device` (see
+/// [`allocate_request`]).
+async fn allocate(
+    api: &mut Client,
+    number: usize,
+    phones: &Phones,
+    device: &str,
+) -> anyhow::Result<Call> {
     let response = rpc(
         "Allocate",
-        api.allocate(pb::AllocateRequest {
-            call_leg: Some(pb::CallLeg {
-                call_id: format!("demo-call-{number}"),
-                leg_tag: "home".into(),
-            }),
-            kind: pb::ChannelKind::SipDevice as i32,
-            internet: Some(true),
-            leg_a: Some(leg(phones.home, false)),
-            leg_b: Some(leg(phones.office, true)),
-            timeout: None,
-            latching: None,
-            clock_rate: 0,
-            latch_any_payload: false,
-            device: String::new(),
-        }),
+        api.allocate(allocate_request(number, phones, device)),
     )
     .await?;
     let channel = response.channel.unwrap_or_default();
@@ -905,14 +1083,22 @@ async fn allocate(api: &mut Client, number: usize, phones: &Phones) -> anyhow::R
     let call = Call {
         number,
         port,
+        device: device.to_owned(),
+        internet: channel.internet,
         relay_home: (netns::RELAY_NAT_ADDR, port).into(),
         relay_office: (netns::RELAY_OFFICE_ADDR, port).into(),
         reached_fast_path: false,
         latched: None,
     };
     println!(
-        "Call {number}: Allocate (kind sip_device) → channel {port} (RTP {port}, RTCP {}).",
-        port + 1
+        "Call {number}: Allocate (kind system_device, device {device}) → channel {port} (RTP \
+         {port}, RTCP {}), {}.",
+        port + 1,
+        if channel.internet {
+            "an internet call"
+        } else {
+            "not an internet call"
+        }
     );
     println!(
         "  leg A  home phone   announced {} (not reachable: learnt from traffic), talks to {}",
@@ -947,6 +1133,12 @@ async fn print_events(mut events: tonic::Streaming<pb::WatchResponse>) {
 /// `CHANNEL_STATE_FAST_PATH` → `FAST_PATH`.
 fn short(name: &str, prefix: &str) -> String {
     name.strip_prefix(prefix).unwrap_or(name).to_owned()
+}
+
+/// `DEVICE_TYPE_OPENSTAGE_HFA` → `OpenStage HFA`.
+fn device_type_name(t: i32) -> String {
+    crate::devices_api::device_type_from_pb(t)
+        .map_or_else(|_| t.to_string(), |t| t.display_name().to_owned())
 }
 
 fn state_name(state: i32) -> String {
@@ -1055,9 +1247,11 @@ impl Summary<'_> {
         for (i, call) in self.calls.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "  call {}, channel {}: home phone latched at {}; {}",
+                "  call {}, channel {} (phone {}{}): home phone latched at {}; {}",
                 call.number,
                 call.port,
+                call.device,
+                if call.internet { ", internet call" } else { "" },
                 call.latched.as_deref().unwrap_or("(never latched)"),
                 if call.reached_fast_path {
                     "reached FAST_PATH"
@@ -1178,6 +1372,24 @@ mod tests {
             config.relay_addresses(),
             [Some(netns::RELAY_NAT_ADDR), Some(netns::RELAY_OFFICE_ADDR)]
         );
+        // The home phones register where their media goes; the office is inside, they are not.
+        assert_eq!(
+            config.registration.listen,
+            Some((netns::RELAY_NAT_ADDR, REGISTRATION_PORT).into())
+        );
+        let internal = relay_core::device::networks::Networks::parse(
+            config.devices.internal_networks.iter().map(String::as_str),
+        )
+        .expect("networks");
+        use relay_core::device::networks::Origin;
+        assert_eq!(
+            internal.classify(netns::OFFICE_ADDR.into()),
+            Origin::Internal
+        );
+        assert_eq!(
+            internal.classify(netns::NAT_WAN_ADDR.into()),
+            Origin::External
+        );
     }
 
     #[test]
@@ -1199,6 +1411,8 @@ mod tests {
         let call = Call {
             number: 1,
             port: 30612,
+            device: "4711".into(),
+            internet: true,
             relay_home: "198.51.100.129:30612".parse().expect("addr"),
             relay_office: "192.0.2.1:30612".parse().expect("addr"),
             reached_fast_path: false,

@@ -5,12 +5,20 @@
 //! The checks are functions of what they look at (the configuration, numbers read from
 //! `/proc`, certificate files, the running daemon's answers), so each is tested with the inputs
 //! that make it pass, warn and fail; `run` only gathers the inputs.
+//!
+//! The fast-path checks (`bpf.*`, `xdp.*`: kernel, bpffs, BPF memory, the program proven on a
+//! private copy, each XDP interface) are in [`fast_path`]; they never attach, detach or replace
+//! a program.
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::config::Config;
+
+pub mod fast_path;
+pub mod internet;
 
 /// How a check came out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -24,8 +32,8 @@ pub enum Status {
 /// One check's result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
-    /// Short stable name (`relay.ports`, `tls.certificate`…).
-    pub name: &'static str,
+    /// Short stable name (`relay.ports`, `tls.certificate`, `xdp.iface.eth0`…).
+    pub name: Cow<'static, str>,
     pub status: Status,
     /// What was found.
     pub detail: String,
@@ -35,27 +43,35 @@ pub struct Check {
 }
 
 impl Check {
-    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    fn pass(name: impl Into<Cow<'static, str>>, detail: impl Into<String>) -> Check {
         Check {
-            name,
+            name: name.into(),
             status: Status::Pass,
             detail: detail.into(),
             fix: None,
         }
     }
 
-    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    fn warn(
+        name: impl Into<Cow<'static, str>>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
         Check {
-            name,
+            name: name.into(),
             status: Status::Warn,
             detail: detail.into(),
             fix: Some(fix.into()),
         }
     }
 
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    fn fail(
+        name: impl Into<Cow<'static, str>>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Check {
         Check {
-            name,
+            name: name.into(),
             status: Status::Fail,
             detail: detail.into(),
             fix: Some(fix.into()),
@@ -298,6 +314,73 @@ pub fn weak_remote_devices(devices: &[proto::v1::Device]) -> Check {
     }
 }
 
+/// `relay.ports.free`: no other program holds a UDP port of the relay's range (`bound`: the
+/// UDP ports bound on this host, from [`bound_udp_ports`]). While the relay runs
+/// (`relay_running`), the ports bound are taken to be its own.
+pub fn ports_free(first: u16, last: u16, bound: &[u16], relay_running: bool) -> Check {
+    const NAME: &str = "relay.ports.free";
+    let mut taken: Vec<u16> = bound
+        .iter()
+        .copied()
+        .filter(|p| (first..=last).contains(p))
+        .collect();
+    taken.sort_unstable();
+    taken.dedup();
+    if taken.is_empty() {
+        return Check::pass(NAME, format!("no UDP port of {first}-{last} is in use"));
+    }
+    if relay_running {
+        return Check::pass(
+            NAME,
+            format!(
+                "{} UDP ports of {first}-{last} are bound, taken to be the running relay's",
+                taken.len()
+            ),
+        );
+    }
+    let shown: Vec<String> = taken.iter().take(10).map(u16::to_string).collect();
+    let more = if taken.len() > 10 {
+        format!(" and {} more", taken.len() - 10)
+    } else {
+        String::new()
+    };
+    Check::fail(
+        NAME,
+        format!(
+            "UDP ports {}{more} of the relay's range are in use by another program (the relay \
+             does not run): their channels cannot be allocated",
+            shown.join(", ")
+        ),
+        format!(
+            "find the program with ss -ulpn 'sport >= :{first} and sport <= :{last}' and stop \
+             it, or choose another range (relay.layout / relay.ports)"
+        ),
+    )
+}
+
+/// The UDP ports bound on this host in this network namespace (IPv4 and IPv6), from
+/// /proc/net/udp and /proc/net/udp6.
+pub fn bound_udp_ports() -> Vec<u16> {
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| parse_proc_net_udp(&text))
+        .collect()
+}
+
+/// The local ports of a /proc/net/udp table (`sl local_address rem_address …`, the address
+/// `HEXIP:HEXPORT`).
+pub fn parse_proc_net_udp(text: &str) -> Vec<u16> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let local = line.split_whitespace().nth(1)?;
+            let (_, port) = local.rsplit_once(':')?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
+}
+
 fn read_sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
@@ -312,7 +395,19 @@ pub async fn checks(config: &Config, connection: &crate::client::Connection) -> 
         .map(|a| a.into_iter().map(|i| i.name).collect())
         .unwrap_or_default();
     out.extend(addresses(config, &host));
+    // The running relay, if any (its API answers): its ports are its own.
+    let daemon = match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::public_address_cli::status(connection),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(format!("its API did not answer: {e:#}")),
+        Err(_) => Err("its API did not answer within 5 s".to_string()),
+    };
     out.push(xdp_interfaces(config, &ifaces));
+    out.extend(fast_path::checks(config).await);
     if let Ok((layout, _)) = config.layout() {
         let ephemeral = read_sysctl("/proc/sys/net/ipv4/ip_local_port_range")
             .and_then(|s| {
@@ -327,6 +422,12 @@ pub async fn checks(config: &Config, connection: &crate::client::Connection) -> 
             layout.last_port(),
             ephemeral,
             &reserved,
+        ));
+        out.push(ports_free(
+            layout.first_port(),
+            layout.last_port(),
+            &bound_udp_ports(),
+            daemon.is_ok(),
         ));
     }
     out.push(internet_calls(config));
@@ -343,6 +444,8 @@ pub async fn checks(config: &Config, connection: &crate::client::Connection) -> 
     if let (Some(cert), Some(key)) = (&r.tls_cert, &r.tls_key) {
         out.push(certificate(cert, key, time::UtcDateTime::now()));
     }
+    // What the Internet sees of this site: STUN servers, the public address, the NAT.
+    out.extend(internet::checks(config, daemon).await);
     let devices = async {
         let (channel, token) = crate::client::connect_channel(connection).await?;
         let mut client =
@@ -478,5 +581,22 @@ mod tests {
         let f = weak_remote_devices(&[device("1", true, &["short"])]);
         assert_eq!(f.status, Status::Fail);
         assert!(f.detail.contains('1'));
+    }
+
+    #[test]
+    fn ports_in_use_by_another_program_fail() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+   1: 0100007F:7750 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0\n\
+   2: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0 0\n";
+        let bound = parse_proc_net_udp(table);
+        assert_eq!(bound, [0x7750, 53]);
+        assert_eq!(0x7750, 30544);
+        let c = ports_free(30528, 30887, &bound, false);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("30544"), "{}", c.detail);
+        assert!(c.fix.unwrap().contains("ss -ulpn"));
+        assert_eq!(ports_free(30528, 30887, &bound, true).status, Status::Pass);
+        assert_eq!(ports_free(30274, 30529, &[53], false).status, Status::Pass);
+        assert_eq!(parse_proc_net_udp("header only\n"), Vec::<u16>::new());
     }
 }

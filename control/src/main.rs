@@ -7,7 +7,8 @@
 //! or SIGTERM it stops accepting requests, releases every channel from the data path and
 //! detaches XDP. SIGHUP re-reads the API's token file and TLS certificate and key.
 //!
-//! `homerelay channels ...` and `homerelay pool` talk to a running daemon over the API.
+//! `homerelay channels ...`, `homerelay pool` and `homerelay public-address` talk to a running
+//! daemon over the API.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +73,31 @@ enum Command {
     /// The port forwarding the company router needs for this configuration: a table, an
     /// `nft -f` file for a Linux router (DNAT, never masquerade) or JSON.
     RouterConfig(control::router_config::RouterConfigArgs),
+    /// The NAT type between this host and the Internet (RFC 5780 behaviour discovery).
+    ///
+    /// Runs the RFC 5780 tests from one local UDP socket against a STUN server that offers
+    /// behaviour discovery (a second IP address and port; homerelay's own with [stun]
+    /// other_address, or coturn with two listening addresses): one plain Binding request,
+    /// two filtering tests (answers from the server's other address and port) and up to two
+    /// mapping tests (requests to the other address). Prints the NAT's mapping and filtering
+    /// behaviour, the classic type (open internet, full cone, restricted, port-restricted,
+    /// symmetric) and whether remote devices work behind it: they do not behind a symmetric
+    /// NAT. Filtering tests the NAT blocks wait 2.75 s each.
+    ///
+    /// Caveat: a firewall that restricts outbound UDP drops some tests, which makes a router
+    /// look symmetric or filtering when it is not; allow the forwarded ports outbound too, and
+    /// run the test on the relay host itself (--bind the relay's address).
+    NatType(control::nat_detect::NatTypeArgs),
+    /// The public address of a running relay: where remote devices send their media, and how
+    /// the relay learnt it.
+    ///
+    /// The relay learns the address the company router's NAT gives it with STUN — from the
+    /// ITSP's STUN server, else from the configured one — and refreshes it, so a dynamic IP
+    /// behind a dynamic-DNS name is followed; or it is configured statically ([public_address]
+    /// in the config file). Shows the address, its source, the server that gave it, the NAT's
+    /// mapping of the discovery socket, the last refresh and error, and how often it changed.
+    /// --watch follows changes as they happen.
+    PublicAddress(control::public_address_cli::PublicAddressArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,7 +253,9 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
     });
     // The STUN server (UDP and TCP 3478, docs/stun.md), when configured.
     if config.stun.listen.is_some() {
-        let stun = control::stun_server::StunServer::bind(&config.stun).await?;
+        let stun = control::stun_server::StunServer::bind(&config.stun)
+            .await?
+            .with_metrics(service.metrics());
         log::info!(
             "STUN on UDP {:?} and TCP {:?}{}",
             stun.udp_addrs(),
@@ -239,6 +267,25 @@ async fn daemon(config: Config, credentials: Credentials) -> anyhow::Result<()> 
             }
         );
         tokio::spawn(stun.serve(service.stopping()));
+    }
+    // The public address (docs/public-address.md): discovered with STUN when a server is
+    // configured; otherwise static or relay.internet_address, which the status already says.
+    let public = service.public_address().status();
+    match control::public_address::Discovery::new(
+        &config,
+        service.public_address().clone(),
+        service.metrics().clone(),
+    ) {
+        Some(discovery) => {
+            tokio::spawn(discovery.run(service.stopping()));
+        }
+        None => log::info!(
+            "public address {} ({}; no STUN discovery)",
+            public
+                .address
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            public.source.name()
+        ),
     }
     // Phones' registration (TCP 4062 / TLS 4063), when configured.
     let registrar = std::sync::Arc::new(
@@ -430,6 +477,10 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::RouterConfig(args) => control::router_config::run(args),
+        Command::NatType(args) => client_runtime()?.block_on(control::nat_detect::run(args)),
+        Command::PublicAddress(args) => {
+            client_runtime()?.block_on(control::public_address_cli::run(args))
+        }
     }
 }
 

@@ -5,12 +5,14 @@
 //! channel kind, a data path, a direction, a reason, a result, a method of the served gRPC
 //! services (anything else is `unknown`) or a status code. Nothing per channel, call, device,
 //! port or peer ever becomes a label (coturn's per-user labels grew memory without bound), so
-//! the number of series is bounded whatever the traffic: about 60, plus the gRPC histograms of
-//! the (method, code) pairs actually seen.
+//! the number of series is bounded whatever the traffic: about 140 without the fast path (18
+//! of them the STUN server's), plus the gRPC histograms of the (method, code) pairs actually
+//! seen.
 //!
 //! Two sources:
 //! - events are counted where they happen: allocation results in [`crate::api`], releases and
-//!   channel events in [`crate::service`], gRPC latency by [`GrpcLayer`] around every service;
+//!   channel events in [`crate::service`], gRPC latency by [`GrpcLayer`] around every service,
+//!   STUN requests in [`crate::stun_server`] (through [`StunCounters`], once per batch);
 //! - state is read at scrape time ([`Exporter`]): the pool from the allocator, and the data
 //!   paths' global counters ([`CounterSource`]), exported as counters set to their absolute
 //!   values — they only go up while the relay runs.
@@ -40,6 +42,7 @@ use tonic::Code;
 
 use crate::error::ServiceError;
 use crate::service::{ChannelView, Service};
+use relay_core::stun::{Outcome as StunOutcome, Transport as StunTransport};
 use relay_core::{AllocError, EventKind, ReleaseReason};
 
 /// Where `/metrics` is served by default: loopback, next to the API. 9464 is the port
@@ -73,6 +76,14 @@ pub mod names {
     pub const REGISTRATIONS: &str = "homerelay_registrations_total";
     pub const REGISTERED_DEVICES: &str = "homerelay_registered_devices";
     pub const DEVICES: &str = "homerelay_devices";
+    pub const STUN_REQUESTS: &str = "homerelay_stun_requests_total";
+    pub const STUN_REQUEST_BYTES: &str = "homerelay_stun_request_bytes_total";
+    pub const STUN_RESPONSE_BYTES: &str = "homerelay_stun_response_bytes_total";
+    pub const PUBLIC_ADDRESS_CHANGES: &str = "homerelay_public_address_changes_total";
+    pub const PUBLIC_ADDRESS_FAILURES: &str = "homerelay_public_address_discovery_failures_total";
+    pub const PUBLIC_ADDRESS_LAST_SUCCESS: &str =
+        "homerelay_public_address_last_success_timestamp_seconds";
+    pub const PUBLIC_ADDRESS_KNOWN: &str = "homerelay_public_address_known";
 }
 
 use names::*;
@@ -218,6 +229,47 @@ const METRICS: &[(&str, Type, &str)] = &[
         Type::Gauge,
         "Devices in the registry (configured, registered or not).",
     ),
+    (
+        STUN_REQUESTS,
+        Type::Counter,
+        "Requests to the STUN server, by transport (udp, tcp) and result: answered, error (420 \
+         Unknown Attribute), or the reason it was dropped (not_stun, rfc3489, \
+         not_binding_request, rate_limited, too_long).",
+    ),
+    (
+        STUN_REQUEST_BYTES,
+        Type::Counter,
+        "Bytes of STUN messages received (answered or not), by transport.",
+    ),
+    (
+        STUN_RESPONSE_BYTES,
+        Type::Counter,
+        "Bytes of STUN responses sent, by transport (never more than max(request, 64 bytes) \
+         each: compare with homerelay_stun_request_bytes_total).",
+    ),
+    (
+        PUBLIC_ADDRESS_CHANGES,
+        Type::Counter,
+        "Times the public address learnt with STUN changed from one address to another (a \
+         dynamic IP); channels report the new one from then on.",
+    ),
+    (
+        PUBLIC_ADDRESS_FAILURES,
+        Type::Counter,
+        "STUN servers that gave no usable answer at a public address refresh, by server: itsp \
+         (asked first) or configured (the fallback).",
+    ),
+    (
+        PUBLIC_ADDRESS_LAST_SUCCESS,
+        Type::Gauge,
+        "Unix time of the last STUN answer giving the public address (absent before the first).",
+    ),
+    (
+        PUBLIC_ADDRESS_KNOWN,
+        Type::Gauge,
+        "1 while a public address is known (discovered, static, or the internet address without \
+         discovery), else 0.",
+    ),
 ];
 
 /// Transports of [`REGISTRATIONS`]: phones on TCP 4062 and TLS 4063, apps on HTTPS 8802.
@@ -233,6 +285,81 @@ pub const REGISTRATION_RESULTS: [&str; 8] = [
     "bad_request",
     "server_busy",
 ];
+
+/// Transports of the STUN server's metrics, in [`StunCounters`] order.
+pub const STUN_TRANSPORTS: [&str; 2] = ["udp", "tcp"];
+
+/// The STUN server's counters ([`STUN_REQUESTS`] and the byte counts), registered up front:
+/// the server's hot path only adds to pre-registered handles (no key lookup, no allocation).
+/// No-ops when metrics are off.
+#[derive(Clone, Debug)]
+pub struct StunCounters {
+    /// By transport, then outcome ([`StunOutcome::index`]).
+    requests: [[Counter; StunOutcome::ALL.len()]; 2],
+    request_bytes: [Counter; 2],
+    response_bytes: [Counter; 2],
+}
+
+impl StunCounters {
+    /// Counters that count nothing.
+    pub fn noop() -> StunCounters {
+        StunCounters {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| Counter::noop())),
+            request_bytes: std::array::from_fn(|_| Counter::noop()),
+            response_bytes: std::array::from_fn(|_| Counter::noop()),
+        }
+    }
+
+    fn register(r: &Registry) -> StunCounters {
+        StunCounters {
+            requests: STUN_TRANSPORTS.map(|t| {
+                StunOutcome::ALL
+                    .map(|o| r.counter(STUN_REQUESTS, &[("transport", t), ("result", o.name())]))
+            }),
+            request_bytes: STUN_TRANSPORTS
+                .map(|t| r.counter(STUN_REQUEST_BYTES, &[("transport", t)])),
+            response_bytes: STUN_TRANSPORTS
+                .map(|t| r.counter(STUN_RESPONSE_BYTES, &[("transport", t)])),
+        }
+    }
+
+    /// Adds a batch's totals: requests by outcome, and bytes received and sent.
+    pub fn add(&self, transport: StunTransport, tally: &StunTally) {
+        let t = match transport {
+            StunTransport::Udp => 0,
+            StunTransport::Tcp => 1,
+        };
+        for (counter, &n) in self.requests[t].iter().zip(&tally.requests) {
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+        if tally.request_bytes > 0 {
+            self.request_bytes[t].increment(tally.request_bytes);
+        }
+        if tally.response_bytes > 0 {
+            self.response_bytes[t].increment(tally.response_bytes);
+        }
+    }
+}
+
+/// What a batch of STUN requests came to, for [`StunCounters::add`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StunTally {
+    /// By [`StunOutcome::index`].
+    pub requests: [u64; StunOutcome::ALL.len()],
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl StunTally {
+    /// Counts one request of `request_len` bytes and what became of it.
+    pub fn record(&mut self, outcome: StunOutcome, request_len: usize, response_len: usize) {
+        self.requests[outcome.index()] += 1;
+        self.request_bytes += request_len as u64;
+        self.response_bytes += response_len as u64;
+    }
+}
 
 /// Histogram buckets of [`GRPC_DURATION`], in seconds: 50 µs to 5 s.
 const GRPC_BUCKETS: [f64; 16] = [
@@ -332,7 +459,7 @@ impl AllocResult {
 
 /// The gRPC methods served, as `(path, service label, method label)`; any other path is
 /// counted as `unknown` (a client can send any path: it must not become a label).
-const GRPC_METHODS: [(&str, &str, &str); 19] = [
+const GRPC_METHODS: [(&str, &str, &str); 21] = [
     (
         "/relay.v1.ChannelService/Allocate",
         "relay.v1.ChannelService",
@@ -402,6 +529,16 @@ const GRPC_METHODS: [(&str, &str, &str); 19] = [
         "/relay.v1.DeviceService/WatchDevices",
         "relay.v1.DeviceService",
         "WatchDevices",
+    ),
+    (
+        "/relay.v1.PublicAddressService/GetPublicAddress",
+        "relay.v1.PublicAddressService",
+        "GetPublicAddress",
+    ),
+    (
+        "/relay.v1.PublicAddressService/WatchPublicAddress",
+        "relay.v1.PublicAddressService",
+        "WatchPublicAddress",
     ),
     (
         "/grpc.health.v1.Health/Check",
@@ -499,6 +636,7 @@ struct Registry {
     /// Per method of [`GRPC_METHODS`] and code: registered on first use, so only the pairs
     /// seen are exported.
     grpc: [[OnceLock<Histogram>; GRPC_CODES]; GRPC_METHODS.len()],
+    stun: StunCounters,
 }
 
 impl Registry {
@@ -559,6 +697,7 @@ impl Metrics {
             releases: std::array::from_fn(|_| Counter::noop()),
             events: std::array::from_fn(|_| Counter::noop()),
             grpc: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            stun: StunCounters::noop(),
         };
         // Registered up front, so every series exists (at 0) from the first scrape on: rate()
         // and increase() see the first event.
@@ -568,6 +707,7 @@ impl Metrics {
             ReleaseReason::ALL.map(|r| registry.counter(RELEASES, &[("reason", r.name())]));
         registry.events =
             EventKind::ALL.map(|e| registry.counter(CHANNEL_EVENTS, &[("event", e.name())]));
+        registry.stun = StunCounters::register(&registry);
         for transport in REGISTRATION_TRANSPORTS {
             for result in REGISTRATION_RESULTS {
                 let _ = registry.counter(
@@ -575,6 +715,10 @@ impl Metrics {
                     &[("transport", transport), ("result", result)],
                 );
             }
+        }
+        let _ = registry.counter(PUBLIC_ADDRESS_CHANGES, &[]);
+        for role in crate::public_address::ServerRole::ALL {
+            let _ = registry.counter(PUBLIC_ADDRESS_FAILURES, &[("server", role.name())]);
         }
         registry
             .gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
@@ -613,6 +757,13 @@ impl Metrics {
         }
     }
 
+    /// The STUN server's counters (no-ops when metrics are off).
+    pub fn stun(&self) -> StunCounters {
+        self.inner
+            .as_ref()
+            .map_or_else(StunCounters::noop, |r| r.stun.clone())
+    }
+
     /// Counts a released channel.
     pub fn released(&self, reason: ReleaseReason) {
         if let Some(r) = &self.inner {
@@ -637,6 +788,32 @@ impl Metrics {
                 &[("transport", transport), ("result", result)],
             )
             .increment(1);
+        }
+    }
+
+    /// Counts a change of the public address.
+    pub fn public_address_changed(&self) {
+        if let Some(r) = &self.inner {
+            r.counter(PUBLIC_ADDRESS_CHANGES, &[]).increment(1);
+        }
+    }
+
+    /// Counts a STUN server without a usable answer at a public address refresh (`server`:
+    /// `itsp` or `configured`).
+    pub fn public_address_failure(&self, server: &'static str) {
+        if let Some(r) = &self.inner {
+            r.counter(PUBLIC_ADDRESS_FAILURES, &[("server", server)])
+                .increment(1);
+        }
+    }
+
+    /// Records the time of a STUN answer giving the public address.
+    pub fn public_address_success(&self, at: std::time::SystemTime) {
+        if let Some(r) = &self.inner {
+            let secs = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            r.gauge(PUBLIC_ADDRESS_LAST_SUCCESS, &[]).set(secs);
         }
     }
 
@@ -675,6 +852,8 @@ impl Metrics {
         }
         let devices = service.devices();
         r.gauge(DEVICES, &[]).set(devices.len() as f64);
+        let known = service.public_address().status().address.is_some();
+        r.gauge(PUBLIC_ADDRESS_KNOWN, &[]).set(u8::from(known));
         let by_type = devices.registered_by_type();
         for (t, counts) in relay_core::device::DeviceType::ALL.iter().zip(by_type) {
             for (origin, n) in ["internal", "external"].into_iter().zip(counts) {

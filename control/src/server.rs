@@ -1,6 +1,6 @@
-//! The gRPC server: `relay.v1.ChannelService`, the standard health service
-//! (`grpc.health.v1.Health`) and server reflection in both its v1 and v1alpha versions (grpcurl
-//! asks for v1alpha).
+//! The gRPC server: `relay.v1.ChannelService`, `DeviceService` and `PublicAddressService`, the
+//! standard health service (`grpc.health.v1.Health`) and server reflection in both its v1 and
+//! v1alpha versions (grpcurl asks for v1alpha).
 //!
 //! The invariant a reader must know: **the API is never served to other hosts without
 //! authentication, and a bearer token never crosses the network in clear.** On a loopback
@@ -521,6 +521,7 @@ pub async fn serve_with(
         kill,
     });
     let devices = crate::devices_api::DevicesApi::for_service(&service);
+    let public_address = crate::public_address_api::PublicAddressApi::new(service.clone());
     let served = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .concurrency_limit_per_connection(limits.max_requests_per_connection)
@@ -536,6 +537,13 @@ pub async fn serve_with(
         .add_service(InterceptedService::new(
             proto::v1::device_service_server::DeviceServiceServer::new(devices)
                 .max_decoding_message_size(MAX_MESSAGE_SIZE),
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            proto::v1::public_address_service_server::PublicAddressServiceServer::new(
+                public_address,
+            )
+            .max_decoding_message_size(MAX_MESSAGE_SIZE),
             auth.clone(),
         ))
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))

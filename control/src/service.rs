@@ -157,6 +157,9 @@ pub struct ChannelView {
     pub stats: ChannelStats,
     /// The clock sample the view was taken with (to convert its times).
     pub clock: Clock,
+    /// Where a peer on the Internet sends leg A's RTP: the relay's public address on the
+    /// channel's port, as of the view ([`crate::public_address::PublicStatus::media_address`]).
+    pub public_media: Option<SocketAddr>,
 }
 
 impl ChannelView {
@@ -271,6 +274,8 @@ pub struct ServiceOptions {
     pub allow_local_peers: bool,
     /// The remote devices.
     pub devices: Arc<crate::devices::Registry>,
+    /// The relay's public address, reported with every channel.
+    pub public_address: crate::public_address::PublicAddress,
 }
 
 impl std::fmt::Debug for ServiceOptions {
@@ -295,6 +300,7 @@ impl Default for ServiceOptions {
             devices: Arc::new(crate::devices::Registry::in_memory(
                 crate::devices::RegistryPolicy::default(),
             )),
+            public_address: crate::public_address::PublicAddress::default(),
         }
     }
 }
@@ -596,6 +602,11 @@ impl Service {
     /// The device registry.
     pub fn devices(&self) -> &Arc<crate::devices::Registry> {
         &self.inner.options.devices
+    }
+
+    /// The relay's public address.
+    pub fn public_address(&self) -> &crate::public_address::PublicAddress {
+        &self.inner.options.public_address
     }
 
     /// Sends a message to the owner and waits for its answer.
@@ -1450,6 +1461,10 @@ impl Owner {
         } else {
             ChannelState::Latched
         };
+        let public_media = self
+            .options
+            .public_address
+            .media_address(channel.legs[relay_common::LEG_A].local());
         Ok(ChannelView {
             info,
             latching: record.spec.latching,
@@ -1457,6 +1472,7 @@ impl Owner {
             state,
             stats,
             clock,
+            public_media,
         })
     }
 

@@ -1,5 +1,7 @@
 //! The `homerelay` binary: the client commands against a test server, and `homerelay run`
 //! itself (configuration errors, start, SIGTERM, clean shutdown). Relay ports 42300–42399.
+//! `homerelay doctor`'s fast-path checks run in the relay namespace of a testbed and need root
+//! (BPF, XDP, network namespaces); without it that test fails (it is not skipped).
 mod common;
 
 use std::io::{BufRead as _, BufReader};
@@ -466,7 +468,11 @@ struct LoggedDaemon {
 
 impl LoggedDaemon {
     fn start(args: &[&str]) -> LoggedDaemon {
-        let mut child = homerelay(args)
+        LoggedDaemon::spawn(homerelay(args))
+    }
+
+    fn spawn(mut command: Command) -> LoggedDaemon {
+        let mut child = command
             .env("HOMERELAY_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -681,6 +687,39 @@ async fn doctor_checks_the_site_and_fails_with_the_fix() {
             .is_some_and(|d| d.starts_with("1 devices"))
     );
 
+    // A port of the range held by another program while no relay answers: fails, naming the
+    // port and how to find the program.
+    let squatter = std::net::UdpSocket::bind("127.0.0.1:42399").expect("hold a relay port");
+    std::fs::write(&config, "[relay]\nports = \"42390-42399\"\n").expect("config");
+    let o = output(homerelay(&[
+        "doctor",
+        "--config",
+        &config_arg,
+        "--server",
+        "http://127.0.0.1:9",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let checks: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let free = checks
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|c| c["name"] == "relay.ports.free")
+        .unwrap_or_else(|| panic!("no relay.ports.free: {checks}"))
+        .clone();
+    assert_eq!(free["status"], "fail", "{free}");
+    assert!(
+        free["detail"].as_str().is_some_and(|d| d.contains("42399")),
+        "{free}"
+    );
+    assert!(
+        free["fix"].as_str().is_some_and(|f| f.contains("ss -ulpn")),
+        "{free}"
+    );
+    drop(squatter);
+
     // Lines for people; a broken file fails on its key.
     std::fs::write(&config, "[pool]\nupstream_kbps = 0\n").expect("config");
     let o = output(homerelay(&[
@@ -701,4 +740,311 @@ async fn doctor_checks_the_site_and_fails_with_the_fix() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     server.stop().await;
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, XDP, network namespaces); run the README's test command as root"
+    );
+}
+
+/// `command`, run in the network namespace `ns` (and the host's mount namespace, where the
+/// bpffs is).
+fn in_netns(mut command: Command, ns: &std::fs::File) -> Command {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let fd = ns.as_raw_fd();
+    // SAFETY: between fork and exec only setns, which is async-signal-safe, on a descriptor the
+    // caller keeps open until the command has been spawned.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
+/// A daemon killed on drop, should the test fail while it runs.
+struct KilledOnDrop(LoggedDaemon);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.child.try_wait() {
+            let _ = self.0.child.kill();
+            let _ = self.0.child.wait();
+        }
+    }
+}
+
+/// Removes a bpffs pin directory on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `homerelay doctor --json`'s checks by name, and its exit code.
+struct DoctorReport {
+    code: Option<i32>,
+    checks: serde_json::Value,
+}
+
+impl DoctorReport {
+    fn check(&self, name: &str) -> serde_json::Value {
+        self.checks
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {:#}", self.checks))
+            .clone()
+    }
+
+    fn assert_status(&self, name: &str, status: &str) -> serde_json::Value {
+        let c = self.check(name);
+        assert_eq!(c["status"], status, "{name}: {c:#}");
+        c
+    }
+}
+
+fn text(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// `homerelay doctor` on the fast path, in the relay namespace of a testbed: the BPF and XDP
+/// lines pass on the relay's veths in generic mode, with the program proven through
+/// `BPF_PROG_TEST_RUN` (redirecting between the two interfaces) and nothing attached; native
+/// mode fails while the veths' peers run no XDP program (frames sent out of them would be
+/// dropped) and passes once they do; a missing interface fails with its fix; and with a relay
+/// running, doctor reports that relay's program and leaves its attachment as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_fast_path_in_a_namespace() {
+    use relay_user::netns::{self, Host, Testbed, TestbedOptions};
+    use relay_user::xdp::{XdpMode, attach_pass_program};
+
+    require_root();
+    let tb = Testbed::create(TestbedOptions { nat: false }).expect("testbed");
+    let relay_ns = std::fs::File::open(format!("/var/run/netns/{}", tb.ns(Host::Relay)))
+        .expect("the relay namespace");
+    let dir = temp_dir("doctor-xdp");
+    let pin = PinDir(format!("/sys/fs/bpf/homerelay-doctor-test-{}", std::process::id()).into());
+    let config = |file: &str, mode: &str, interfaces: &[&str]| {
+        let path = dir.join(file);
+        let list: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+        std::fs::write(
+            &path,
+            format!(
+                "[relay]\ninternet_address = \"{}\"\nlan_address = \"{}\"\n\
+                 [pool]\nupstream_kbps = 10000\n\
+                 [xdp]\ninterfaces = [{}]\nmode = \"{mode}\"\npin_dir = {:?}\n",
+                netns::RELAY_HOME_ADDR,
+                netns::RELAY_OFFICE_ADDR,
+                list.join(", "),
+                pin.0.to_str().expect("utf-8 path"),
+            ),
+        )
+        .expect("config");
+        path.to_str().expect("utf-8 path").to_owned()
+    };
+    let doctor = |config: &str| {
+        let command = in_netns(
+            homerelay(&[
+                "doctor",
+                "--config",
+                config,
+                "--server",
+                "http://127.0.0.1:1",
+                "--json",
+            ]),
+            &relay_ns,
+        );
+        async move {
+            let o = output(command).await;
+            DoctorReport {
+                code: o.status.code(),
+                checks: serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+                    panic!(
+                        "one JSON document ({e}):\n{}\n{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                }),
+            }
+        }
+    };
+    let attached = |iface: &'static str| {
+        tb.run_in(Host::Relay, move || {
+            relay_user::xdp_links::inspect(iface)
+                .expect("rtnetlink")
+                .expect("the interface exists")
+                .xdp
+        })
+    };
+    let both = [netns::RELAY_IF_HOME, netns::RELAY_IF_OFFICE];
+    let home = format!("xdp.iface.{}", netns::RELAY_IF_HOME);
+    let office = format!("xdp.iface.{}", netns::RELAY_IF_OFFICE);
+
+    // Generic mode: every fast-path line passes, and nothing is attached afterwards.
+    let generic = config("generic.toml", "generic", &both);
+    let r = doctor(&generic).await;
+    for name in [
+        "bpf.kernel",
+        "bpf.jit",
+        "bpf.privileges",
+        "bpf.fs",
+        "bpf.memlock",
+        home.as_str(),
+        office.as_str(),
+    ] {
+        r.assert_status(name, "pass");
+    }
+    let program = r.assert_status("xdp.program", "pass");
+    assert!(
+        text(&program["detail"]).contains("r-home → r-office XDP_REDIRECT")
+            && text(&program["detail"]).contains("nothing attached"),
+        "{program:#}"
+    );
+    assert!(
+        text(&r.check("bpf.memlock")["detail"]).contains("(measured)"),
+        "{:#}",
+        r.checks
+    );
+    assert!(text(&r.check(&home)["detail"]).contains("veth, peer home0"));
+    assert_eq!(r.code, Some(0), "{:#}", r.checks);
+    for iface in both {
+        assert!(attached(iface).is_empty(), "doctor attached to {iface}");
+    }
+
+    // Native mode (auto picks it on a veth): the peers run no XDP program, so the frames the
+    // fast path sends out of the relay's veths would be dropped.
+    let auto = config("auto.toml", "auto", &both);
+    let r = doctor(&auto).await;
+    assert_eq!(r.code, Some(1), "{:#}", r.checks);
+    for (name, peer) in [(&home, netns::HOME_IF), (&office, netns::OFFICE_IF)] {
+        let c = r.assert_status(name, "fail");
+        assert!(
+            text(&c["detail"]).contains(&format!("{peer} has no XDP program")),
+            "{c:#}"
+        );
+        assert!(text(&c["fix"]).contains("--xdp-mode generic"), "{c:#}");
+    }
+    let guards = [
+        (Host::Home, netns::HOME_IF),
+        (Host::Office, netns::OFFICE_IF),
+    ]
+    .map(|(host, iface)| {
+        tb.run_in(host, move || attach_pass_program(iface, XdpMode::Native))
+            .expect("a pass program on the peer")
+    });
+    let r = doctor(&auto).await;
+    for name in [&home, &office] {
+        let c = r.assert_status(name, "pass");
+        assert!(text(&c["detail"]).contains("native mode"), "{c:#}");
+    }
+    assert_eq!(r.code, Some(0), "{:#}", r.checks);
+    drop(guards);
+
+    // A missing interface fails with its fix; the program is still proven on the other.
+    let missing = config(
+        "missing.toml",
+        "generic",
+        &[netns::RELAY_IF_HOME, "hr-gone0"],
+    );
+    let r = doctor(&missing).await;
+    assert_eq!(r.code, Some(1), "{:#}", r.checks);
+    let gone = r.assert_status("xdp.iface.hr-gone0", "fail");
+    assert!(
+        text(&gone["detail"]).contains("no interface \"hr-gone0\"")
+            && text(&gone["fix"]).contains("correct xdp.interfaces"),
+        "{gone:#}"
+    );
+    let program = r.assert_status("xdp.program", "pass");
+    assert!(
+        text(&program["detail"]).contains("r-home → r-home XDP_TX"),
+        "{program:#}"
+    );
+    r.assert_status(&home, "pass");
+
+    // A running relay: doctor reports its program and leaves it attached as it was.
+    let mut daemon = KilledOnDrop(LoggedDaemon::spawn(in_netns(
+        homerelay(&[
+            "run",
+            "--config",
+            &generic,
+            "--store",
+            dir.join("homerelay.db").to_str().expect("utf-8 path"),
+            "--workers",
+            "1",
+            "--no-metrics",
+        ]),
+        &relay_ns,
+    )));
+    daemon.0.wait_for("XDP fast path + user space");
+    let pid = daemon.0.child.id();
+    let before = [
+        attached(netns::RELAY_IF_HOME),
+        attached(netns::RELAY_IF_OFFICE),
+    ];
+    assert!(
+        before.iter().all(|a| a.len() == 1),
+        "the relay attached its program: {before:?}"
+    );
+    let r = doctor(&generic).await;
+    let program = r.assert_status("xdp.program", "pass");
+    assert!(
+        text(&program["detail"]).contains(&format!("the running relay (pid {pid}")),
+        "{program:#}"
+    );
+    for name in [&home, &office] {
+        let c = r.assert_status(name, "pass");
+        assert!(
+            text(&c["detail"]).contains(&format!(
+                "attached in generic mode by the running relay (pid {pid})"
+            )),
+            "{c:#}"
+        );
+    }
+    let memlock = r.assert_status("bpf.memlock", "pass");
+    assert!(
+        text(&memlock["detail"]).contains(&format!("pid {pid}")),
+        "{memlock:#}"
+    );
+    let after = [
+        attached(netns::RELAY_IF_HOME),
+        attached(netns::RELAY_IF_OFFICE),
+    ];
+    assert_eq!(
+        before, after,
+        "doctor changed the running relay's attachments"
+    );
+    assert!(
+        daemon.0.child.try_wait().expect("wait").is_none(),
+        "the relay still runs"
+    );
+    daemon.0.signal(libc::SIGTERM);
+    let status = within(async {
+        loop {
+            if let Some(status) = daemon.0.child.try_wait().expect("wait") {
+                break status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        status.success(),
+        "exit {status}:\n{}",
+        daemon.0.log.join("\n")
+    );
+    drop(pin);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,9 @@
 //! Prometheus metrics end to end: a real server (user-space relay on loopback, gRPC API and
 //! `/metrics` on 127.0.0.1:0), real requests and datagrams, then a scrape checked series by
 //! series and by `promtool check metrics`; the deploy files (scrape config, alert rules and
-//! their unit tests, Grafana dashboard) checked with promtool and against the scrape.
+//! their unit tests, Grafana dashboard) checked with promtool and against the scrape; and
+//! `homerelay run` itself with `[stun]`: real STUN requests (answered, 420, malformed, RFC
+//! 3489, over the rate…) counted by transport and result in its `/metrics`.
 //!
 //! promtool comes from Debian's prometheus package, installed by scripts/bootstrap.sh; without
 //! it these tests fail (they never skip). Relay ports 43800–43899, peers 43900–43999.
@@ -502,6 +504,14 @@ async fn a_scrape_after_activity_has_every_series_and_passes_promtool() {
     );
     // A user-space-only relay whose configuration asks for XDP: the "fast path lost" alert's
     // condition.
+    // No [public_address] and no relay.internet_address here: no public address, no discovery
+    // (the failure counters exist at 0 all the same).
+    assert_eq!(v(names::PUBLIC_ADDRESS_KNOWN, &[]), 0.0);
+    assert_eq!(v(names::PUBLIC_ADDRESS_CHANGES, &[]), 0.0);
+    assert_eq!(
+        v(names::PUBLIC_ADDRESS_FAILURES, &[("server", "itsp")]),
+        0.0
+    );
     assert_eq!(v(names::FAST_PATH_CONFIGURED, &[]), 1.0);
     assert_eq!(v(names::FAST_PATH_UP, &[]), 0.0);
     assert_eq!(
@@ -544,6 +554,8 @@ async fn a_scrape_after_activity_has_every_series_and_passes_promtool() {
         "grpc_method",
         "grpc_code",
         "version",
+        // The public address discovery's STUN server role: itsp or configured.
+        "server",
         "le",
     ];
     for s in &scrape.samples {
@@ -656,6 +668,7 @@ async fn the_dashboard_and_the_alerts_use_only_exported_metrics() {
         names::DROPPED,
         names::XDP_PASSED,
         names::FAST_PATH_DEGRADED,
+        names::STUN_REQUESTS,
         "homerelay_grpc_request_duration_seconds_bucket",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
@@ -687,4 +700,254 @@ fn the_metric_name_scanner_finds_names_in_expressions() {
         ["homerelay_a_bucket", "homerelay_b_total", "homerelay_not"]
     );
     assert!(metric_names("HomerelayPoolNearlyFull xhomerelay_y").is_empty());
+}
+
+/// `homerelay run` (the binary) with `[stun]` and metrics on port 0; removed with its files
+/// and stopped (SIGTERM, then SIGKILL) on drop.
+struct StunDaemon {
+    child: std::process::Child,
+    stun: SocketAddr,
+    stun_tcp: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl StunDaemon {
+    /// STUN allows 1 request a second per source, in a burst of 8.
+    fn start() -> StunDaemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("homerelay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[relay]\nports = \"43880-43899\"\nworkers = 1\n\
+                 [api]\nlisten = \"127.0.0.1:0\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n\
+                 [store]\npath = \"{}\"\n\
+                 [stun]\nlisten = \"127.0.0.1:0\"\nrate_per_source = 1\nburst_per_source = 8\n",
+                dir.path().join("homerelay.db").display()
+            ),
+        )
+        .expect("write the configuration");
+        let log = dir.path().join("homerelay.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_homerelay"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("HOMERELAY_CONFIG")
+            .env_remove("HOMERELAY_METRICS_LISTEN")
+            .env_remove("HOMERELAY_NO_METRICS")
+            .env("HOMERELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start homerelay run");
+        let mut daemon = StunDaemon {
+            child,
+            stun: SocketAddr::from(([0, 0, 0, 0], 0)),
+            stun_tcp: SocketAddr::from(([0, 0, 0, 0], 0)),
+            metrics: SocketAddr::from(([0, 0, 0, 0], 0)),
+            log,
+            _dir: dir,
+        };
+        // "STUN on UDP [127.0.0.1:N] and TCP [127.0.0.1:M]" (port 0: each its own port),
+        // "metrics on http://127.0.0.1:P/metrics".
+        let after = |text: &str, prefix: &str, end: char| -> Option<SocketAddr> {
+            let rest = &text[text.find(prefix)? + prefix.len()..];
+            rest[..rest.find(end)?].parse().ok()
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            if let (Some(stun), Some(stun_tcp), Some(metrics)) = (
+                after(&text, "STUN on UDP [", ']'),
+                after(&text, "] and TCP [", ']'),
+                after(&text, "metrics on http://", '/'),
+            ) {
+                daemon.stun = stun;
+                daemon.stun_tcp = stun_tcp;
+                daemon.metrics = metrics;
+                return daemon;
+            }
+            let exited = daemon.child.try_wait().expect("wait").is_some();
+            assert!(
+                !exited && Instant::now() < deadline,
+                "the daemon did not start its STUN server and metrics endpoint:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for StunDaemon {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: signals the child this test started, by its pid (not yet reaped).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A STUN message: `message_type`, the magic cookie, a transaction id, `body` as attributes.
+fn stun_message(message_type: u16, id: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = message_type.to_be_bytes().to_vec();
+    m.extend_from_slice(&u16::try_from(body.len()).expect("short").to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    m.extend_from_slice(&[id; 12]);
+    m.extend_from_slice(body);
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_counts_stun_requests_by_transport_and_result() {
+    let daemon = StunDaemon::start();
+    let bare = |id| stun_message(0x0001, id, &[]);
+
+    // TCP first (RFC 5389 framing): one answered request. Every request, whatever becomes of
+    // it, takes one of the source's 8 tokens, and the bucket starts full: the first 8
+    // requests (this one and the next 7) are never rate limited.
+    let mut tcp = tokio::net::TcpStream::connect(daemon.stun_tcp)
+        .await
+        .expect("connect over TCP");
+    tcp.write_all(&bare(1)).await.expect("send over TCP");
+    let mut answer = [0u8; 56];
+    within(tcp.read_exact(&mut answer))
+        .await
+        .expect("an answer over TCP");
+    assert_eq!(&answer[8..20], &[1; 12]);
+    drop(tcp);
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    udp.set_read_timeout(Some(WAIT)).expect("timeout");
+    let ask = |m: &[u8]| {
+        udp.send_to(m, daemon.stun).expect("send");
+    };
+    let answer = |id: u8| -> Vec<u8> {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, _) = udp.recv_from(&mut buf).expect("an answer within WAIT");
+            if buf[8..20] == [id; 12] {
+                return buf[..n].to_vec();
+            }
+        }
+    };
+    let mut sent_bytes = 0;
+    let mut send = |m: Vec<u8>| {
+        sent_bytes += m.len();
+        ask(&m);
+    };
+    // Two plain requests: answered (56 bytes each).
+    for id in [2, 3] {
+        send(bare(id));
+        assert_eq!(answer(id).len(), 56);
+    }
+    // CHANGE-REQUEST with change-port and no second address: 420 Unknown Attribute.
+    send(stun_message(
+        0x0001,
+        4,
+        &[0x00, 0x03, 0x00, 0x04, 0, 0, 0, 0x02],
+    ));
+    let error = answer(4);
+    assert_eq!(&error[0..2], &[0x01, 0x11], "a Binding error response");
+    // Not STUN, RFC 3489 (no magic cookie), an indication, and a datagram too long: dropped.
+    send(b"hello, not a STUN message".to_vec());
+    let mut classic = bare(6);
+    classic[4..8].copy_from_slice(&[1, 2, 3, 4]);
+    send(classic);
+    send(stun_message(0x0011, 7, &[]));
+    send(vec![0u8; 1300]);
+    // Over the rate: the bucket is empty now and refills one token a second, so of these 50
+    // some are answered only if sending them took seconds.
+    for _ in 0..50 {
+        send(bare(9));
+    }
+
+    // Every request is counted once; the drops arrive asynchronously.
+    let udp_results = [
+        "answered",
+        "error",
+        "not_stun",
+        "rfc3489",
+        "not_binding_request",
+        "rate_limited",
+        "too_long",
+    ];
+    let deadline = Instant::now() + WAIT;
+    let (text, scrape) = loop {
+        let (head, text) = within(http_get(daemon.metrics, "/metrics")).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let scrape = Scrape::parse(&text);
+        let udp_total: f64 = udp_results
+            .iter()
+            .filter_map(|r| {
+                scrape.get(names::STUN_REQUESTS, &[("transport", "udp"), ("result", r)])
+            })
+            .sum();
+        if udp_total >= 57.0 {
+            break (text, scrape);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "57 UDP requests sent, {udp_total} counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v = |transport, result| {
+        scrape.value(
+            names::STUN_REQUESTS,
+            &[("transport", transport), ("result", result)],
+        )
+    };
+    assert_eq!(v("tcp", "answered"), 1.0);
+    for result in udp_results.into_iter().skip(1) {
+        assert_eq!(v("tcp", result), 0.0, "tcp {result}");
+    }
+    for result in [
+        "error",
+        "not_stun",
+        "rfc3489",
+        "not_binding_request",
+        "too_long",
+    ] {
+        assert_eq!(v("udp", result), 1.0, "udp {result}");
+    }
+    let answered = v("udp", "answered");
+    let limited = v("udp", "rate_limited");
+    assert_eq!(answered + limited, 52.0, "2 + 50 plain requests");
+    assert!(limited >= 1.0, "50 requests over an empty bucket");
+    // Bytes: every datagram whole (the 1,300-byte one too), every response sent.
+    let bytes = |name, transport| scrape.value(name, &[("transport", transport)]);
+    assert_eq!(bytes(names::STUN_REQUEST_BYTES, "udp"), sent_bytes as f64);
+    assert_eq!(
+        bytes(names::STUN_RESPONSE_BYTES, "udp"),
+        56.0 * answered + error.len() as f64
+    );
+    assert_eq!(bytes(names::STUN_REQUEST_BYTES, "tcp"), 20.0);
+    assert_eq!(bytes(names::STUN_RESPONSE_BYTES, "tcp"), 56.0);
+    // The answers to the over-rate requests that got through arrive too, and no more.
+    for _ in 2..answered as usize {
+        assert_eq!(answer(9).len(), 56);
+    }
+    // Only the fixed label names, and the scrape passes promtool.
+    for s in scrape
+        .samples
+        .iter()
+        .filter(|s| s.name.starts_with("homerelay_stun_"))
+    {
+        for k in s.labels.keys() {
+            assert!(["transport", "result"].contains(&k.as_str()), "{s:?}");
+        }
+    }
+    run_promtool(&["check", "metrics"], Some(&text), &deploy_dir());
 }

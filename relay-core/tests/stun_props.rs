@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use relay_core::stun::{
-    Addresses, Decision, DropReason, RateConfig, RateLimiter, Server, Transport, answer,
-    response_bound,
+    Addresses, Decision, DropReason, MAX_RESPONSE_LEN, Outcome, RateConfig, RateLimiter, Server,
+    Transport, Verdict, answer, answer_into, response_bound,
 };
 use stun_rs::attributes::discovery::{ChangeRequest, ChangeRequestFlags};
 use stun_rs::attributes::stun::{Fingerprint, Software, XorMappedAddress};
@@ -307,6 +307,52 @@ fn rate_limit_per_source_refills_and_is_bounded() {
     }
 }
 
+#[test]
+fn outcomes_name_every_result_once_and_match_the_decision() {
+    let names: Vec<&str> = Outcome::ALL.iter().map(|o| o.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "answered",
+            "error",
+            "not_stun",
+            "rfc3489",
+            "not_binding_request",
+            "rate_limited",
+            "too_long"
+        ]
+    );
+    for (i, o) in Outcome::ALL.iter().enumerate() {
+        assert_eq!(o.index(), i, "{o:?}");
+    }
+    for r in DropReason::ALL {
+        assert!(Outcome::ALL.contains(&Outcome::Dropped(r)));
+    }
+    let outcome = |req: &[u8], addrs| answer(req, sa(SRC), sa(A), addrs, Transport::Udp).outcome();
+    assert_eq!(outcome(&bare(), one()), Outcome::Answered);
+    assert_eq!(outcome(&change(true, true), two()), Outcome::Answered);
+    assert_eq!(outcome(&change(true, false), one()), Outcome::Error);
+    assert_eq!(
+        outcome(b"hello", one()),
+        Outcome::Dropped(DropReason::NotStun)
+    );
+    // The buffer variant says the same and writes the same bytes.
+    let req = change(true, false);
+    let mut out = [0u8; MAX_RESPONSE_LEN];
+    let v = answer_into(&req, sa(SRC), sa(A), one(), Transport::Udp, &mut out);
+    let Verdict::Respond { len, from, error } = v else {
+        panic!("{v:?}")
+    };
+    assert!(error);
+    assert_eq!(
+        answer(&req, sa(SRC), sa(A), one(), Transport::Udp),
+        Decision::Respond {
+            bytes: out[..len].to_vec(),
+            from
+        }
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("HOMERELAY_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000),
@@ -352,7 +398,12 @@ proptest! {
             (sa(SRC), if discovery { two() } else { one() }, sa(A))
         };
         let transport = if tcp { Transport::Tcp } else { Transport::Udp };
-        if let Decision::Respond { bytes, from } = answer(&req, src, local, addrs, transport) {
+        let decision = answer(&req, src, local, addrs, transport);
+        let mut out = [0u8; MAX_RESPONSE_LEN];
+        let verdict = answer_into(&req, src, local, addrs, transport, &mut out);
+        prop_assert_eq!(decision.outcome(), verdict.outcome());
+        if let Decision::Respond { bytes, from } = decision {
+            prop_assert!(bytes.len() <= MAX_RESPONSE_LEN);
             prop_assert!(bytes.len() <= response_bound(req.len()), "{} > bound of {}", bytes.len(), req.len());
             let msg = decode(&bytes);
             prop_assert_eq!(msg.method(), BINDING);

@@ -503,7 +503,7 @@ impl Testbed {
     }
 }
 
-fn open_named(name: &str) -> anyhow::Result<File> {
+pub(crate) fn open_named(name: &str) -> anyhow::Result<File> {
     let path = format!("{NETNS_RUN_DIR}/{name}");
     File::open(&path).with_context(|| format!("opening {path}"))
 }
@@ -536,7 +536,7 @@ impl Drop for Testbed {
 }
 
 /// Moves the calling thread into the network namespace `ns`.
-fn enter(ns: &File) -> anyhow::Result<()> {
+pub(crate) fn enter(ns: &File) -> anyhow::Result<()> {
     // SAFETY: setns only reads the descriptor, which `ns` keeps open for the call; it changes
     // the network namespace of this thread alone.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -548,13 +548,20 @@ fn enter(ns: &File) -> anyhow::Result<()> {
 /// Deletes `hr-<pid>-<n>-*` namespaces whose process no longer exists: a process that aborted
 /// (the release profile uses `panic = "abort"`) or was killed never ran its `Drop`.
 fn remove_stale_namespaces() {
+    let suffixes: Vec<&str> = Host::ALL.iter().map(|h| h.suffix()).collect();
+    remove_stale_namespaces_of("hr-", &suffixes);
+}
+
+/// Deletes namespaces named `<prefix><pid>-<n>-<suffix>` (one of `suffixes`) whose process no
+/// longer exists. Shared by every namespace lab of this crate, each with its own prefix.
+pub(crate) fn remove_stale_namespaces_of(prefix: &str, suffixes: &[&str]) {
     let Ok(dir) = std::fs::read_dir(NETNS_RUN_DIR) else {
         return;
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(pid) = stale_owner(name) else {
+        let Some(pid) = stale_owner(name, prefix, suffixes) else {
             continue;
         };
         if std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -566,13 +573,13 @@ fn remove_stale_namespaces() {
     }
 }
 
-/// The pid in a testbed namespace name `hr-<pid>-<n>-<host>`.
-fn stale_owner(name: &str) -> Option<u32> {
-    let mut parts = name.strip_prefix("hr-")?.splitn(3, '-');
+/// The pid in a lab namespace name `<prefix><pid>-<n>-<suffix>`.
+fn stale_owner(name: &str, prefix: &str, suffixes: &[&str]) -> Option<u32> {
+    let mut parts = name.strip_prefix(prefix)?.splitn(3, '-');
     let pid = parts.next()?.parse().ok()?;
     parts.next()?.parse::<u32>().ok()?;
-    let host = parts.next()?;
-    Host::ALL.iter().any(|h| h.suffix() == host).then_some(pid)
+    let suffix = parts.next()?;
+    suffixes.contains(&suffix).then_some(pid)
 }
 
 fn mac_string(m: [u8; 6]) -> String {
@@ -583,7 +590,7 @@ fn mac_string(m: [u8; 6]) -> String {
 }
 
 /// Runs `argv`, feeding `stdin`; returns stdout, or an error with the command and its stderr.
-fn run(argv: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<String> {
+pub(crate) fn run(argv: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<String> {
     let (prog, args) = argv.split_first().context("empty command")?;
     let mut child = Command::new(prog)
         .args(args)
@@ -620,11 +627,14 @@ mod tests {
 
     #[test]
     fn stale_names_are_recognised_exactly() {
-        assert_eq!(stale_owner("hr-1234-0-relay"), Some(1234));
-        assert_eq!(stale_owner("hr-1234-17-hbn"), Some(1234));
-        assert_eq!(stale_owner("hr-1234-x-relay"), None);
-        assert_eq!(stale_owner("hr-1234-0-other"), None);
-        assert_eq!(stale_owner("someone-else"), None);
+        let suffixes: Vec<&str> = Host::ALL.iter().map(|h| h.suffix()).collect();
+        let owner = |name| stale_owner(name, "hr-", &suffixes);
+        assert_eq!(owner("hr-1234-0-relay"), Some(1234));
+        assert_eq!(owner("hr-1234-17-hbn"), Some(1234));
+        assert_eq!(owner("hr-1234-x-relay"), None);
+        assert_eq!(owner("hr-1234-0-other"), None);
+        assert_eq!(owner("someone-else"), None);
+        assert_eq!(owner("hrnat-1234-0-relay"), None);
     }
 
     #[test]

@@ -24,7 +24,7 @@ const NLMSG_HDRLEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWROUTE: u16 = 24;
@@ -96,18 +96,19 @@ struct Link {
     mtu: u32,
 }
 
-/// An rtnetlink socket bound in the network namespace of the thread that opened it.
-struct Netlink {
+/// A netlink socket (rtnetlink unless opened with [`Netlink::open_protocol`]) bound in the
+/// network namespace of the thread that opened it.
+pub(crate) struct Netlink {
     fd: OwnedFd,
     seq: u32,
     buf: Vec<u8>,
 }
 
-fn nl_socket(groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
+fn nl_socket(protocol: libc::c_int, groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
     let flags =
         libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket(2) call; the descriptor is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, flags, libc::NETLINK_ROUTE) };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, flags, protocol) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -132,7 +133,7 @@ fn nl_socket(groups: u32, nonblocking: bool) -> io::Result<OwnedFd> {
 }
 
 /// Appends one route attribute (4-byte aligned).
-fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
+pub(crate) fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
     let len = 4 + data.len();
     msg.extend_from_slice(&(len as u16).to_ne_bytes());
     msg.extend_from_slice(&kind.to_ne_bytes());
@@ -141,7 +142,7 @@ fn push_attr(msg: &mut Vec<u8>, kind: u16, data: &[u8]) {
 }
 
 /// The attributes in `data` (after a message's fixed header).
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if data.len() < 4 {
             return None;
@@ -162,9 +163,14 @@ fn ipv4(data: &[u8]) -> Option<Ipv4Addr> {
 }
 
 impl Netlink {
-    fn open() -> io::Result<Self> {
+    pub(crate) fn open() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// A socket of another netlink family (`NETLINK_GENERIC`…).
+    pub(crate) fn open_protocol(protocol: libc::c_int) -> io::Result<Self> {
         Ok(Self {
-            fd: nl_socket(0, false)?,
+            fd: nl_socket(protocol, 0, false)?,
             seq: 0,
             buf: vec![0; 1 << 16],
         })
@@ -172,7 +178,7 @@ impl Netlink {
 
     /// Sends a request of `kind` with `body` (fixed header and attributes) and calls `each`
     /// with (type, payload) for every answer until the request is complete.
-    fn request(
+    pub(crate) fn request(
         &mut self,
         kind: u16,
         flags: u16,
@@ -384,7 +390,11 @@ impl Resolver {
     pub fn open() -> io::Result<Self> {
         Ok(Self {
             nl: Netlink::open()?,
-            events: nl_socket(RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE, true)?,
+            events: nl_socket(
+                libc::NETLINK_ROUTE,
+                RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE,
+                true,
+            )?,
             routes: HashMap::new(),
             links: HashMap::new(),
             neighbours: HashMap::new(),

@@ -29,7 +29,8 @@ use crate::datapath::{DataPath, DataPathError};
 use crate::nexthop::{Resolver, Unresolved};
 
 /// The compiled XDP object, built by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay-ebpf"));
 
 /// Name of the always-pass program in the object.
 const PASS_PROGRAM: &str = "homerelay_pass";

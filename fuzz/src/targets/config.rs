@@ -24,6 +24,7 @@ const SECTIONS: &[&str] = &[
     "devices",
     "registration",
     "stun",
+    "public_address",
 ];
 /// Every key the configuration has (sections included: a whole section can be mistyped).
 const KEYS: &[&str] = &[
@@ -79,6 +80,12 @@ const KEYS: &[&str] = &[
     "buffer",
     "enabled",
     "path",
+    "public_address",
+    "itsp_stun_server",
+    "stun_server",
+    "refresh",
+    "local_address",
+    "static_address",
 ];
 const VALUES: &[&str] = &[
     "\"s\"",
@@ -120,6 +127,9 @@ const VALUES: &[&str] = &[
     "\"native\"",
     "\"/nonexistent\"",
     "1979-05-27T07:32:00Z",
+    "\"stun.example.net:3478\"",
+    "\"[2001:db8::1]:3478\"",
+    "\"500ms\"",
 ];
 
 fn assembled(i: &mut Input) -> String {

@@ -90,6 +90,14 @@ pub struct Leg {
     /// The peer's RTCP endpoint (latched separately: a NAT maps it to its own public port).
     #[prost(message, optional, tag = "3")]
     pub rtcp: ::core::option::Option<Endpoint>,
+    /// Leg A only: where a peer on the Internet sends this leg's RTP, "IP:PORT" -- the relay's
+    /// public address (PublicAddressService) on the channel's port, which the company router
+    /// forwards 1:1 to `relay_address`; RTCP goes to the port above. It is computed when the
+    /// channel is reported, so it follows a change of the public address. Empty for leg B, while
+    /// no public address is known, and when the leg's relay address is not the one the public
+    /// address stands for (a request naming another relay address).
+    #[prost(string, tag = "4")]
+    pub public_address: ::prost::alloc::string::String,
 }
 /// Traffic in one direction of a channel, both data paths added up.
 #[derive(Clone, Copy, PartialEq, ::prost::Message)]
@@ -672,6 +680,96 @@ pub struct AuthorizeCallResponse {
     #[prost(bool, tag = "4")]
     pub external: bool,
 }
+/// The public address and its discovery.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PublicAddressStatus {
+    /// The public IPv4 address ("198.51.100.1"); empty while none is known. After a failed
+    /// refresh it is the last address known (see `stale`).
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    /// Where `address` comes from.
+    #[prost(enumeration = "PublicAddressSource", tag = "2")]
+    pub source: i32,
+    /// The relay address the public address stands for (the NAT translates it), which STUN
+    /// requests are sent from: public_address.local_address, else relay.internet_address; empty
+    /// when neither is set (the kernel picks the source).
+    #[prost(string, tag = "3")]
+    pub local_address: ::prost::alloc::string::String,
+    /// STUN discovery runs (a STUN server is configured and no static address).
+    #[prost(bool, tag = "4")]
+    pub discovery: bool,
+    /// How often discovery asks.
+    #[prost(message, optional, tag = "5")]
+    pub refresh_interval: ::core::option::Option<::prost_types::Duration>,
+    /// The STUN server that gave `address`, as configured ("stun.itsp.example:3478"); empty
+    /// without discovery.
+    #[prost(string, tag = "6")]
+    pub server: ::prost::alloc::string::String,
+    /// That server's address as resolved for its answer, "IP:PORT".
+    #[prost(string, tag = "7")]
+    pub server_address: ::prost::alloc::string::String,
+    /// The discovery socket's own address, "IP:PORT".
+    #[prost(string, tag = "8")]
+    pub discovery_local_address: ::prost::alloc::string::String,
+    /// The discovery socket's address as the server saw it (the NAT's mapping), "IP:PORT".
+    #[prost(string, tag = "9")]
+    pub mapped_address: ::prost::alloc::string::String,
+    /// The NAT kept the discovery socket's port. False means it rewrites source ports; that
+    /// concerns only outgoing connections like the discovery's own, not media: the router
+    /// forwards the relay's port range 1:1 (homerelay router-config), so a channel's public port
+    /// is its own port.
+    #[prost(bool, tag = "10")]
+    pub port_preserved: bool,
+    /// When discovery last asked; unset before the first refresh or without discovery.
+    #[prost(message, optional, tag = "11")]
+    pub last_refresh: ::core::option::Option<::prost_types::Timestamp>,
+    /// When a server last answered.
+    #[prost(message, optional, tag = "12")]
+    pub last_success: ::core::option::Option<::prost_types::Timestamp>,
+    /// What went wrong at the last refresh, server by server (also when a later server
+    /// answered); empty when the first server asked answered.
+    #[prost(string, tag = "13")]
+    pub last_error: ::prost::alloc::string::String,
+    /// The last refresh got no answer at all: `address` is the last one known and may be out of
+    /// date.
+    #[prost(bool, tag = "14")]
+    pub stale: bool,
+    /// Times the public address changed from one known address to another since the start.
+    #[prost(uint64, tag = "15")]
+    pub changes: u64,
+    /// When it last changed (or was first learnt).
+    #[prost(message, optional, tag = "16")]
+    pub changed_at: ::core::option::Option<::prost_types::Timestamp>,
+}
+/// Asks for the public address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetPublicAddressRequest {}
+/// The public address.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetPublicAddressResponse {
+    /// Its status.
+    #[prost(message, optional, tag = "1")]
+    pub status: ::core::option::Option<PublicAddressStatus>,
+}
+/// Asks for public address events.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchPublicAddressRequest {}
+/// One public address event.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PublicAddressEvent {
+    /// What happened.
+    #[prost(enumeration = "PublicAddressEventType", tag = "1")]
+    pub r#type: i32,
+    /// The status after it.
+    #[prost(message, optional, tag = "2")]
+    pub status: ::core::option::Option<PublicAddressStatus>,
+    /// For CHANGED: the address before ("" when none was known).
+    #[prost(string, tag = "3")]
+    pub previous_address: ::prost::alloc::string::String,
+    /// When it happened.
+    #[prost(message, optional, tag = "4")]
+    pub at: ::core::option::Option<::prost_types::Timestamp>,
+}
 /// What a channel is used for. One pool serves every kind; they are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -1049,6 +1147,92 @@ impl Reach {
             "REACH_LOCAL" => Some(Self::Local),
             "REACH_NATIONAL" => Some(Self::National),
             "REACH_INTERNATIONAL" => Some(Self::International),
+            _ => None,
+        }
+    }
+}
+/// Where the public address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PublicAddressSource {
+    /// No public address is known: discovery has had no answer yet, or neither a STUN server,
+    /// a static address nor relay.internet_address is configured.
+    Unspecified = 0,
+    /// The ITSP's STUN server (public_address.itsp_stun_server) answered.
+    Itsp = 1,
+    /// The configured STUN server (public_address.stun_server) answered.
+    Configured = 2,
+    /// A fixed address (public_address.static_address); no discovery.
+    Static = 3,
+    /// No STUN server is configured: the public address is relay.internet_address itself (no
+    /// NAT in front of the relay).
+    InternetAddress = 4,
+}
+impl PublicAddressSource {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PUBLIC_ADDRESS_SOURCE_UNSPECIFIED",
+            Self::Itsp => "PUBLIC_ADDRESS_SOURCE_ITSP",
+            Self::Configured => "PUBLIC_ADDRESS_SOURCE_CONFIGURED",
+            Self::Static => "PUBLIC_ADDRESS_SOURCE_STATIC",
+            Self::InternetAddress => "PUBLIC_ADDRESS_SOURCE_INTERNET_ADDRESS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PUBLIC_ADDRESS_SOURCE_UNSPECIFIED" => Some(Self::Unspecified),
+            "PUBLIC_ADDRESS_SOURCE_ITSP" => Some(Self::Itsp),
+            "PUBLIC_ADDRESS_SOURCE_CONFIGURED" => Some(Self::Configured),
+            "PUBLIC_ADDRESS_SOURCE_STATIC" => Some(Self::Static),
+            "PUBLIC_ADDRESS_SOURCE_INTERNET_ADDRESS" => Some(Self::InternetAddress),
+            _ => None,
+        }
+    }
+}
+/// What happened to the public address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PublicAddressEventType {
+    /// Never sent.
+    Unspecified = 0,
+    /// The first message of every stream: the status as it is.
+    Current = 1,
+    /// The public address changed (or was learnt for the first time: `previous_address` empty).
+    /// Channels report the new address from now on; peers of calls in progress were given the
+    /// old one and need to be told (a re-INVITE by the orchestrator).
+    Changed = 2,
+    /// A refresh got no answer from any server; the last address is kept (`stale`).
+    Failed = 3,
+    /// A server answers again after a failed refresh, with the same address.
+    Recovered = 4,
+}
+impl PublicAddressEventType {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PUBLIC_ADDRESS_EVENT_TYPE_UNSPECIFIED",
+            Self::Current => "PUBLIC_ADDRESS_EVENT_TYPE_CURRENT",
+            Self::Changed => "PUBLIC_ADDRESS_EVENT_TYPE_CHANGED",
+            Self::Failed => "PUBLIC_ADDRESS_EVENT_TYPE_FAILED",
+            Self::Recovered => "PUBLIC_ADDRESS_EVENT_TYPE_RECOVERED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PUBLIC_ADDRESS_EVENT_TYPE_UNSPECIFIED" => Some(Self::Unspecified),
+            "PUBLIC_ADDRESS_EVENT_TYPE_CURRENT" => Some(Self::Current),
+            "PUBLIC_ADDRESS_EVENT_TYPE_CHANGED" => Some(Self::Changed),
+            "PUBLIC_ADDRESS_EVENT_TYPE_FAILED" => Some(Self::Failed),
+            "PUBLIC_ADDRESS_EVENT_TYPE_RECOVERED" => Some(Self::Recovered),
             _ => None,
         }
     }
@@ -2612,6 +2796,423 @@ pub mod device_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "relay.v1.DeviceService";
     impl<T> tonic::server::NamedService for DeviceServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// Generated client implementations.
+pub mod public_address_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// The relay's public address: what the company router's NAT makes of the relay's Internet
+    /// address (leg A), the address remote devices and the ITSP send media to. Learnt with STUN from
+    /// the ITSP's STUN server, or a configured one when that gives no answer, and refreshed, so a
+    /// dynamic IP behind a dynamic-DNS name is followed; or fixed by configuration
+    /// (docs/public-address.md).
+    #[derive(Debug, Clone)]
+    pub struct PublicAddressServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl PublicAddressServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> PublicAddressServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> PublicAddressServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            PublicAddressServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Returns the public address, where it comes from and how its discovery goes.
+        pub async fn get_public_address(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetPublicAddressRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetPublicAddressResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.PublicAddressService/GetPublicAddress",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("relay.v1.PublicAddressService", "GetPublicAddress"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Streams the current status (EVENT_TYPE CURRENT) and then one message whenever the public
+        /// address changes, discovery starts failing or recovers, until the client cancels or the
+        /// relay shuts down. A client that falls behind gets ABORTED (watch again).
+        pub async fn watch_public_address(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchPublicAddressRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::PublicAddressEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/relay.v1.PublicAddressService/WatchPublicAddress",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "relay.v1.PublicAddressService",
+                        "WatchPublicAddress",
+                    ),
+                );
+            self.inner.server_streaming(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod public_address_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with PublicAddressServiceServer.
+    #[async_trait]
+    pub trait PublicAddressService: std::marker::Send + std::marker::Sync + 'static {
+        /// Returns the public address, where it comes from and how its discovery goes.
+        async fn get_public_address(
+            &self,
+            request: tonic::Request<super::GetPublicAddressRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetPublicAddressResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchPublicAddress method.
+        type WatchPublicAddressStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::PublicAddressEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Streams the current status (EVENT_TYPE CURRENT) and then one message whenever the public
+        /// address changes, discovery starts failing or recovers, until the client cancels or the
+        /// relay shuts down. A client that falls behind gets ABORTED (watch again).
+        async fn watch_public_address(
+            &self,
+            request: tonic::Request<super::WatchPublicAddressRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchPublicAddressStream>,
+            tonic::Status,
+        >;
+    }
+    /// The relay's public address: what the company router's NAT makes of the relay's Internet
+    /// address (leg A), the address remote devices and the ITSP send media to. Learnt with STUN from
+    /// the ITSP's STUN server, or a configured one when that gives no answer, and refreshed, so a
+    /// dynamic IP behind a dynamic-DNS name is followed; or fixed by configuration
+    /// (docs/public-address.md).
+    #[derive(Debug)]
+    pub struct PublicAddressServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> PublicAddressServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>>
+    for PublicAddressServiceServer<T>
+    where
+        T: PublicAddressService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/relay.v1.PublicAddressService/GetPublicAddress" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetPublicAddressSvc<T: PublicAddressService>(pub Arc<T>);
+                    impl<
+                        T: PublicAddressService,
+                    > tonic::server::UnaryService<super::GetPublicAddressRequest>
+                    for GetPublicAddressSvc<T> {
+                        type Response = super::GetPublicAddressResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetPublicAddressRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PublicAddressService>::get_public_address(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetPublicAddressSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/relay.v1.PublicAddressService/WatchPublicAddress" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchPublicAddressSvc<T: PublicAddressService>(pub Arc<T>);
+                    impl<
+                        T: PublicAddressService,
+                    > tonic::server::ServerStreamingService<
+                        super::WatchPublicAddressRequest,
+                    > for WatchPublicAddressSvc<T> {
+                        type Response = super::PublicAddressEvent;
+                        type ResponseStream = T::WatchPublicAddressStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchPublicAddressRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PublicAddressService>::watch_public_address(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchPublicAddressSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for PublicAddressServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "relay.v1.PublicAddressService";
+    impl<T> tonic::server::NamedService for PublicAddressServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

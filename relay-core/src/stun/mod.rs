@@ -17,21 +17,26 @@
 //! - Other unknown comprehension-required attributes get 420 too (at most
 //!   [`MAX_UNKNOWN_LISTED`] listed); requests carrying MESSAGE-INTEGRITY are answered without
 //!   it (the server holds no STUN credentials).
+//! - [`Server::handle_into`] / [`answer_into`] write the response into the caller's buffer
+//!   ([`MAX_RESPONSE_LEN`] bytes; `wire` encodes without allocating) and say what became of
+//!   the request ([`Outcome`], whose `name()` is the metric label); [`Server::handle`] /
+//!   [`answer`] are the same decisions with the bytes in a `Vec`.
 
 pub mod client;
+pub mod nat;
 mod ratelimit;
+mod wire;
 
 pub use ratelimit::{RateConfig, RateLimiter};
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use stun_rs::attributes::discovery::{ChangeRequestFlags, OtherAddress, ResponseOrigin};
-use stun_rs::attributes::stun::{
-    ErrorCode, Fingerprint, Software, UnknownAttributes, XorMappedAddress,
-};
+use stun_rs::attributes::discovery::ChangeRequestFlags;
 use stun_rs::methods::BINDING;
-use stun_rs::{MessageClass, MessageDecoderBuilder, MessageEncoderBuilder, StunMessageBuilder};
+use stun_rs::{MessageClass, MessageDecoderBuilder};
+
+use wire::Attr;
 
 /// The STUN magic cookie (RFC 5389); its absence marks an RFC 3489 request.
 pub const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
@@ -119,6 +124,97 @@ impl DropReason {
     }
 }
 
+/// What became of a request: answered, answered with an error (420), or dropped and why.
+/// `name()` is the `result` label of the server's request counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A Binding success response.
+    Answered,
+    /// A 420 (Unknown Attribute) error response.
+    Error,
+    Dropped(DropReason),
+}
+
+impl Outcome {
+    /// Every outcome, in [`Outcome::index`] order.
+    pub const ALL: [Outcome; 2 + DropReason::ALL.len()] = [
+        Outcome::Answered,
+        Outcome::Error,
+        Outcome::Dropped(DropReason::NotStun),
+        Outcome::Dropped(DropReason::Rfc3489),
+        Outcome::Dropped(DropReason::NotBindingRequest),
+        Outcome::Dropped(DropReason::RateLimited),
+        Outcome::Dropped(DropReason::TooLong),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Error => "error",
+            Outcome::Dropped(r) => r.name(),
+        }
+    }
+
+    /// The position in [`Outcome::ALL`] (for tables of counters).
+    pub fn index(self) -> usize {
+        match self {
+            Outcome::Answered => 0,
+            Outcome::Error => 1,
+            Outcome::Dropped(r) => 2 + r as usize,
+        }
+    }
+}
+
+/// The longest response the server ever writes (an IPv6 RFC 5780 answer: header,
+/// XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN, OTHER-ADDRESS, SOFTWARE, FINGERPRINT = 116 bytes;
+/// a 420 is at most 80). The buffer of [`answer_into`].
+pub const MAX_RESPONSE_LEN: usize = 128;
+
+/// [`Decision`] without allocation: the response, if any, is in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the buffer's first `len` bytes to the source, from `from`; `error` for a 420.
+    Respond {
+        len: usize,
+        from: SocketAddr,
+        error: bool,
+    },
+    Drop(DropReason),
+}
+
+impl Verdict {
+    pub fn outcome(&self) -> Outcome {
+        match *self {
+            Verdict::Respond { error: false, .. } => Outcome::Answered,
+            Verdict::Respond { error: true, .. } => Outcome::Error,
+            Verdict::Drop(r) => Outcome::Dropped(r),
+        }
+    }
+}
+
+impl Decision {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            // The message class's high bit (0x0010 of the type) marks an error response.
+            Decision::Respond { bytes, .. } if bytes.get(1).is_some_and(|b| b & 0x10 != 0) => {
+                Outcome::Error
+            }
+            Decision::Respond { .. } => Outcome::Answered,
+            Decision::Drop(r) => Outcome::Dropped(*r),
+        }
+    }
+
+    fn from_verdict(v: Verdict, out: &[u8; MAX_RESPONSE_LEN]) -> Decision {
+        match v {
+            Verdict::Respond { len, from, .. } => Decision::Respond {
+                bytes: out[..len].to_vec(),
+                from,
+            },
+            Verdict::Drop(r) => Decision::Drop(r),
+        }
+    }
+}
+
 /// The server: [`answer`] behind a per-source [`RateLimiter`].
 #[derive(Debug)]
 pub struct Server {
@@ -148,10 +244,26 @@ impl Server {
         transport: Transport,
         now: Duration,
     ) -> Decision {
+        let mut out = [0u8; MAX_RESPONSE_LEN];
+        let v = self.handle_into(request, source, local, transport, now, &mut out);
+        Decision::from_verdict(v, &out)
+    }
+
+    /// [`Server::handle`], writing the response into `out` (the shells' hot path: no
+    /// allocation).
+    pub fn handle_into(
+        &mut self,
+        request: &[u8],
+        source: SocketAddr,
+        local: SocketAddr,
+        transport: Transport,
+        now: Duration,
+        out: &mut [u8; MAX_RESPONSE_LEN],
+    ) -> Verdict {
         if !self.limiter.allow(source.ip(), now) {
-            return Decision::Drop(DropReason::RateLimited);
+            return Verdict::Drop(DropReason::RateLimited);
         }
-        answer(request, source, local, self.addresses, transport)
+        answer_into(request, source, local, self.addresses, transport, out)
     }
 }
 
@@ -163,25 +275,39 @@ pub fn answer(
     addresses: Addresses,
     transport: Transport,
 ) -> Decision {
+    let mut out = [0u8; MAX_RESPONSE_LEN];
+    let v = answer_into(request, source, local, addresses, transport, &mut out);
+    Decision::from_verdict(v, &out)
+}
+
+/// [`answer`], writing the response into `out`.
+pub fn answer_into(
+    request: &[u8],
+    source: SocketAddr,
+    local: SocketAddr,
+    addresses: Addresses,
+    transport: Transport,
+    out: &mut [u8; MAX_RESPONSE_LEN],
+) -> Verdict {
     if request.len() > MAX_REQUEST_LEN {
-        return Decision::Drop(DropReason::TooLong);
+        return Verdict::Drop(DropReason::TooLong);
     }
     // STUN's first two bits are zero; the length is a multiple of 4 and matches the buffer.
     if request.len() < HEADER_LEN
         || request[0] & 0xc0 != 0
         || usize::from(u16::from_be_bytes([request[2], request[3]])) + HEADER_LEN != request.len()
     {
-        return Decision::Drop(DropReason::NotStun);
+        return Verdict::Drop(DropReason::NotStun);
     }
     if request[4..8] != MAGIC_COOKIE {
-        return Decision::Drop(DropReason::Rfc3489);
+        return Verdict::Drop(DropReason::Rfc3489);
     }
     let decoder = MessageDecoderBuilder::default().build();
     let Ok((msg, _)) = decoder.decode(request) else {
-        return Decision::Drop(DropReason::NotStun);
+        return Verdict::Drop(DropReason::NotStun);
     };
     if msg.method() != BINDING || msg.class() != MessageClass::Request {
-        return Decision::Drop(DropReason::NotBindingRequest);
+        return Verdict::Drop(DropReason::NotBindingRequest);
     }
     let bound = response_bound(request.len());
 
@@ -205,22 +331,21 @@ pub fn answer(
     }
     unknown.dedup();
 
-    let txid = *msg.transaction_id();
+    let txid: [u8; 12] = *msg.transaction_id().as_bytes();
     if !unknown.is_empty() {
         unknown.truncate(MAX_UNKNOWN_LISTED);
-        let mut mandatory = vec![];
-        if let Ok(code) = stun_rs::ErrorCode::new(420, "Unknown Attribute") {
-            mandatory.push(ErrorCode::new(code).into());
-        }
-        mandatory.push(UnknownAttributes::from(unknown.as_slice()).into());
-        let bytes = encode(
-            MessageClass::ErrorResponse,
+        let len = wire::encode(
+            out,
+            wire::BINDING_ERROR,
             &txid,
-            mandatory,
-            vec![software()],
+            &[
+                Attr::ErrorCode(420, "Unknown Attribute"),
+                Attr::UnknownAttributes(&unknown),
+            ],
+            &[Attr::Software(SOFTWARE)],
             bound,
         );
-        return respond(bytes, local);
+        return respond(len, local, true);
     }
 
     let from = match discovery {
@@ -239,37 +364,41 @@ pub fn answer(
         }
         None => local,
     };
-    let mut optional: Vec<stun_rs::StunAttribute> = Vec::new();
-    if let Some(other) = discovery {
-        optional.push(ResponseOrigin::from(from).into());
-        let other_ip = swap_ip(local, addresses.primary, other);
-        let other_port = swap_port(local, addresses.primary, other);
-        optional.push(OtherAddress::from(SocketAddr::new(other_ip, other_port)).into());
-    }
-    optional.push(software());
-    let bytes = encode(
-        MessageClass::SuccessResponse,
-        &txid,
-        vec![XorMappedAddress::from(source).into()],
-        optional,
-        bound,
-    );
-    respond(bytes, from)
+    let software = Attr::Software(SOFTWARE);
+    let len = match discovery {
+        Some(other) => {
+            let other_ip = swap_ip(local, addresses.primary, other);
+            let other_port = swap_port(local, addresses.primary, other);
+            wire::encode(
+                out,
+                wire::BINDING_SUCCESS,
+                &txid,
+                &[Attr::XorMappedAddress(source)],
+                &[
+                    Attr::ResponseOrigin(from),
+                    Attr::OtherAddress(SocketAddr::new(other_ip, other_port)),
+                    software,
+                ],
+                bound,
+            )
+        }
+        None => wire::encode(
+            out,
+            wire::BINDING_SUCCESS,
+            &txid,
+            &[Attr::XorMappedAddress(source)],
+            &[software],
+            bound,
+        ),
+    };
+    respond(len, from, false)
 }
 
-fn respond(bytes: Option<Vec<u8>>, from: SocketAddr) -> Decision {
-    match bytes {
-        Some(bytes) => Decision::Respond { bytes, from },
+fn respond(len: Option<usize>, from: SocketAddr, error: bool) -> Verdict {
+    match len {
+        Some(len) => Verdict::Respond { len, from, error },
         // Unreachable by the floor's arithmetic; dropping is the safe answer all the same.
-        None => Decision::Drop(DropReason::NotStun),
-    }
-}
-
-fn software() -> stun_rs::StunAttribute {
-    match Software::new(SOFTWARE) {
-        Ok(s) => s.into(),
-        // A constant short ASCII string is always a valid SOFTWARE value.
-        Err(_) => Fingerprint::default().into(),
+        None => Verdict::Drop(DropReason::NotStun),
     }
 }
 
@@ -288,41 +417,4 @@ fn swap_port(local: SocketAddr, primary: SocketAddr, other: SocketAddr) -> u16 {
     } else {
         other.port()
     }
-}
-
-/// Encodes a response: the mandatory attributes, then each optional one that keeps the
-/// message within `bound` (with FINGERPRINT), then FINGERPRINT. `None` if even the mandatory
-/// message exceeds the bound.
-fn encode(
-    class: MessageClass,
-    txid: &stun_rs::TransactionId,
-    mandatory: Vec<stun_rs::StunAttribute>,
-    optional: Vec<stun_rs::StunAttribute>,
-    bound: usize,
-) -> Option<Vec<u8>> {
-    let build = |attrs: &[stun_rs::StunAttribute]| -> Option<Vec<u8>> {
-        let mut b = StunMessageBuilder::new(BINDING, class).with_transaction_id(*txid);
-        for a in attrs {
-            b = b.with_attribute(a.clone());
-        }
-        let msg = b.with_attribute(Fingerprint::default()).build();
-        let mut buf = [0u8; MAX_REQUEST_LEN];
-        let n = MessageEncoderBuilder::default()
-            .build()
-            .encode(&mut buf, &msg)
-            .ok()?;
-        Some(buf[..n].to_vec())
-    };
-    let mut attrs = mandatory;
-    let mut best = build(&attrs).filter(|b| b.len() <= bound)?;
-    for a in optional {
-        attrs.push(a);
-        match build(&attrs).filter(|b| b.len() <= bound) {
-            Some(b) => best = b,
-            None => {
-                attrs.pop();
-            }
-        }
-    }
-    Some(best)
 }
