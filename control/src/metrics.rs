@@ -84,6 +84,7 @@ pub mod names {
     pub const PUBLIC_ADDRESS_LAST_SUCCESS: &str =
         "homerelay_public_address_last_success_timestamp_seconds";
     pub const PUBLIC_ADDRESS_KNOWN: &str = "homerelay_public_address_known";
+    pub const PUBLIC_ADDRESS_STALE: &str = "homerelay_public_address_stale";
 }
 
 use names::*;
@@ -269,6 +270,12 @@ const METRICS: &[(&str, Type, &str)] = &[
         Type::Gauge,
         "1 while a public address is known (discovered, static, or the internet address without \
          discovery), else 0.",
+    ),
+    (
+        PUBLIC_ADDRESS_STALE,
+        Type::Gauge,
+        "1 while the last public address refresh got no answer from any STUN server (the \
+         address handed out is the last one known and may be out of date), else 0.",
     ),
 ];
 
@@ -852,8 +859,11 @@ impl Metrics {
         }
         let devices = service.devices();
         r.gauge(DEVICES, &[]).set(devices.len() as f64);
-        let known = service.public_address().status().address.is_some();
-        r.gauge(PUBLIC_ADDRESS_KNOWN, &[]).set(u8::from(known));
+        let public = service.public_address().status();
+        r.gauge(PUBLIC_ADDRESS_KNOWN, &[])
+            .set(u8::from(public.address.is_some()));
+        r.gauge(PUBLIC_ADDRESS_STALE, &[])
+            .set(u8::from(public.stale));
         let by_type = devices.registered_by_type();
         for (t, counts) in relay_core::device::DeviceType::ALL.iter().zip(by_type) {
             for (origin, n) in ["internal", "external"].into_iter().zip(counts) {

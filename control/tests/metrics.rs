@@ -587,7 +587,7 @@ fn the_prometheus_config_and_alert_rules_pass_promtool() {
     let dir = deploy_dir().join("prometheus");
     run_promtool(&["check", "config", "prometheus.yml"], None, &dir);
     let out = run_promtool(&["check", "rules", "alerts.yml"], None, &dir);
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
     // Each alert quiet on a healthy relay and firing on its condition.
     run_promtool(&["test", "rules", "alerts.test.yml"], None, &dir);
     let tests = std::fs::read_to_string(dir.join("alerts.test.yml")).expect("alerts.test.yml");

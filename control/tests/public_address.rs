@@ -461,6 +461,11 @@ fn the_relay_behind_a_nat_learns_and_follows_its_public_address() {
         Some(1.0),
         "{metrics}"
     );
+    assert_eq!(
+        metric(&metrics, "homerelay_public_address_stale"),
+        Some(0.0),
+        "{metrics}"
+    );
     let last_success = metric(
         &metrics,
         "homerelay_public_address_last_success_timestamp_seconds",
@@ -534,6 +539,11 @@ fn the_relay_behind_a_nat_learns_and_follows_its_public_address() {
         let n = metric(&metrics, &series).unwrap_or_else(|| panic!("{series}: {metrics}"));
         assert!(n >= 1.0, "{series}: {metrics}");
     }
+    assert_eq!(
+        metric(&metrics, "homerelay_public_address_stale"),
+        Some(1.0),
+        "{metrics}"
+    );
     assert_eq!(
         metric(&metrics, "homerelay_public_address_changes_total"),
         Some(1.0),
