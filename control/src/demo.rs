@@ -632,19 +632,33 @@ impl Daemon {
     }
 }
 
-/// `[2025-01-01T00:00:00.000Z INFO  control::server] message` → `message` (`WARN message` for
-/// levels other than INFO).
+/// A daemon log line for the demo's output: `2026-12-03T18:31:41.771316Z  INFO control::server:
+/// message` → `message` (`WARN message` for levels other than INFO); other lines as they are.
 fn daemon_log_line(line: &str) -> String {
-    let Some((head, message)) = line
-        .strip_prefix('[')
-        .and_then(|rest| rest.split_once("] "))
-    else {
+    let Some((level, message)) = tracing_line(line).or_else(|| bracketed_line(line)) else {
         return line.to_owned();
     };
-    match head.split_whitespace().nth(1) {
-        Some("INFO") | None => message.to_owned(),
-        Some(level) => format!("{level} {message}"),
+    match level {
+        "INFO" => message.to_owned(),
+        level => format!("{level} {message}"),
     }
+}
+
+/// The daemon's log format (tracing's): `2026-12-03T18:31:41.771316Z  INFO target: message`.
+fn tracing_line(line: &str) -> Option<(&str, &str)> {
+    let (timestamp, rest) = line.split_once(' ')?;
+    if !timestamp.ends_with('Z') || !timestamp.starts_with(|c: char| c.is_ascii_digit()) {
+        return None;
+    }
+    let (level, rest) = rest.trim_start().split_once(' ')?;
+    let (_target, message) = rest.trim_start().split_once(": ")?;
+    Some((level, message))
+}
+
+/// The bracketed format (`[timestamp LEVEL target] message`) of earlier versions.
+fn bracketed_line(line: &str) -> Option<(&str, &str)> {
+    let (head, message) = line.strip_prefix('[')?.split_once("] ")?;
+    Some((head.split_whitespace().nth(1).unwrap_or("INFO"), message))
 }
 
 /// The two phones of one call.
@@ -1353,6 +1367,20 @@ mod tests {
             "WARN careful"
         );
         assert_eq!(daemon_log_line("Error: boom"), "Error: boom");
+        assert_eq!(
+            daemon_log_line(
+                "2026-12-03T18:31:41.790072Z  INFO control::server: gRPC API on 127.0.0.1:4080"
+            ),
+            "gRPC API on 127.0.0.1:4080"
+        );
+        assert_eq!(
+            daemon_log_line("2026-12-03T18:31:41.790072Z  WARN homerelay: no answer: retrying"),
+            "WARN no answer: retrying"
+        );
+        assert_eq!(
+            daemon_log_line("2026 was a year: not a log line"),
+            "2026 was a year: not a log line"
+        );
     }
 
     #[test]
